@@ -1,0 +1,308 @@
+"""Structured config schemas: Hydra validates every composed config against these."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from recsys.errors import ConfigError
+
+
+class Task(Enum):
+    binary = "binary"
+    regression = "regression"
+
+
+class OovPolicy(Enum):
+    """What to do with a categorical id outside [0, table size)."""
+
+    mod = "mod"
+    error = "error"
+
+
+class Pooling(Enum):
+    sum = "sum"
+    mean = "mean"
+
+
+class SparseOptimizer(Enum):
+    rowwise_adagrad = "rowwise_adagrad"
+    adagrad = "adagrad"
+    sgd = "sgd"
+    adam = "adam"
+
+
+class LrDecay(Enum):
+    none = "none"
+    linear = "linear"
+    cosine = "cosine"
+
+
+class Device(Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}={value} is out of range: it must be {bound}")
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how its columns map to features."""
+
+    path: str = MISSING
+    train: str = "train"
+    validation: str | None = "validation"
+    test: str | None = "test"
+    label: str = MISSING
+    task: Task = Task.binary
+    dense: list[str] = field(default_factory=list)
+    categorical: dict[str, int] = field(default_factory=dict)
+    dense_fill_value: float = 0.0
+    oov: OovPolicy = OovPolicy.mod
+    batch_size: int = 4096
+    eval_batch_size: int = 16384
+    prefetch: int = 4
+
+    def __post_init__(self) -> None:
+        _positive("data.batch_size", self.batch_size)
+        _positive("data.eval_batch_size", self.eval_batch_size)
+        _positive("data.prefetch", self.prefetch, allow_zero=True)
+        if not self.categorical:
+            raise ConfigError(
+                "data.categorical is empty: name at least one categorical column and its "
+                "table size, e.g. data.categorical='{user_id: 100000}'"
+            )
+        for name, rows in self.categorical.items():
+            _positive(f"data.categorical.{name}", rows)
+        both = set(self.dense) & set(self.categorical)
+        if both or self.label in self.dense or self.label in self.categorical:
+            clash = sorted(both | ({self.label} & (set(self.dense) | set(self.categorical))))
+            raise ConfigError(f"column(s) {clash} are configured twice; give each one role")
+
+
+@dataclass
+class ModelConfig:
+    """Settings every model shares: the embedding tables."""
+
+    _target_: str = MISSING
+    embedding_dim: int = 16
+    pooling: Pooling = Pooling.sum
+    init_std: float = 0.01
+
+    def __post_init__(self) -> None:
+        _positive("model.embedding_dim", self.embedding_dim)
+        _positive("model.init_std", self.init_std)
+
+
+@dataclass
+class FMConfig(ModelConfig):
+    _target_: str = "recsys.models.FM"
+
+
+@dataclass
+class LRConfig(ModelConfig):
+    """First-order only: its tables hold one weight per id, so embedding_dim is 0."""
+
+    _target_: str = "recsys.models.LR"
+    embedding_dim: int = 0
+
+    def __post_init__(self) -> None:
+        if self.embedding_dim != 0:
+            raise ConfigError("model.embedding_dim must be 0 for model=lr (no vectors)")
+        _positive("model.init_std", self.init_std)
+
+
+@dataclass
+class DNNConfig(ModelConfig):
+    """A model with an MLP on top of the embeddings."""
+
+    hidden: list[int] = field(default_factory=lambda: [400, 400, 400])
+    dropout: float = 0.1
+    batch_norm: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for i, width in enumerate(self.hidden):
+            _positive(f"model.hidden[{i}]", width)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} is out of range: use 0 <= p < 1")
+
+
+@dataclass
+class DeepFMConfig(DNNConfig):
+    _target_: str = "recsys.models.DeepFM"
+
+
+@dataclass
+class MLPConfig(DNNConfig):
+    _target_: str = "recsys.models.MLP"
+
+
+@dataclass
+class DenseOptimizerConfig:
+    """A torch optimizer for the dense (non-embedding) parameters."""
+
+    _target_: str = "torch.optim.Adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive("trainer.dense_optimizer.lr", self.lr)
+        _positive("trainer.dense_optimizer.weight_decay", self.weight_decay, allow_zero=True)
+
+
+@dataclass
+class SparseOptimizerConfig:
+    """The FBGEMM optimizer fused into the embedding tables' backward pass."""
+
+    type: SparseOptimizer = SparseOptimizer.rowwise_adagrad
+    lr: float = 0.05
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive("trainer.sparse_optimizer.lr", self.lr)
+        _positive("trainer.sparse_optimizer.eps", self.eps)
+        _positive("trainer.sparse_optimizer.weight_decay", self.weight_decay, allow_zero=True)
+
+
+@dataclass
+class LrScheduleConfig:
+    """Linear warm-up, then an optional decay to min_ratio x lr; scales both optimizers."""
+
+    warmup_steps: int = 0
+    decay: LrDecay = LrDecay.none
+    min_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive("trainer.lr_schedule.warmup_steps", self.warmup_steps, allow_zero=True)
+        if not 0.0 <= self.min_ratio <= 1.0:
+            raise ConfigError(
+                f"trainer.lr_schedule.min_ratio={self.min_ratio} is out of range: use 0..1"
+            )
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop when the monitored validation metric has not improved for `patience` evals."""
+
+    enabled: bool = False
+    metric: str | None = None
+    patience: int = 3
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive("trainer.early_stopping.patience", self.patience)
+        _positive("trainer.early_stopping.min_delta", self.min_delta, allow_zero=True)
+
+
+class ShardingType(Enum):
+    table_wise = "table_wise"
+    column_wise = "column_wise"
+    table_column_wise = "table_column_wise"
+    row_wise = "row_wise"
+    table_row_wise = "table_row_wise"
+
+
+@dataclass
+class ShardingConfig:
+    """Constraints for TorchRec's planner: which sharding types it may pick for the tables."""
+
+    types: list[ShardingType] = field(default_factory=lambda: [ShardingType.table_wise])
+
+    def __post_init__(self) -> None:
+        if not self.types:
+            raise ConfigError("trainer.sharding.types is empty: allow at least table_wise")
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 1
+    max_steps: int | None = None
+    device: Device = Device.auto
+    threads: int | None = None
+    dense_optimizer: DenseOptimizerConfig = field(default_factory=DenseOptimizerConfig)
+    sparse_optimizer: SparseOptimizerConfig = field(default_factory=SparseOptimizerConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    lr_schedule: LrScheduleConfig = field(default_factory=LrScheduleConfig)
+    grad_clip_norm: float | None = None
+    grad_accumulation: int = 1
+    eval_every_steps: int | None = None
+    max_eval_batches: int | None = None
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    log_every_steps: int = 50
+    progress_bar: bool | None = None
+
+    def __post_init__(self) -> None:
+        _positive("trainer.max_epochs", self.max_epochs)
+        _positive("trainer.max_steps", self.max_steps)
+        _positive("trainer.threads", self.threads)
+        _positive("trainer.grad_clip_norm", self.grad_clip_norm)
+        _positive("trainer.grad_accumulation", self.grad_accumulation)
+        _positive("trainer.eval_every_steps", self.eval_every_steps)
+        _positive("trainer.max_eval_batches", self.max_eval_batches)
+        _positive("trainer.log_every_steps", self.log_every_steps)
+
+
+@dataclass
+class TrainConfig:
+    """The root config of `python -m recsys.train`."""
+
+    model: Any = MISSING
+    data: DataConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    seed: int = 0
+    name: str | None = None
+    objective: str | None = None
+
+
+def demo_dir() -> str:
+    """Where the embedded demo data set is generated (once) and cached."""
+    root = os.environ.get("RECSYS_CACHE") or Path.home() / ".cache" / "recsys"
+    return str(Path(root) / "demo" / "ctr-v1")
+
+
+def register() -> None:
+    """Register the schemas and resolvers with Hydra; idempotent."""
+    if not OmegaConf.has_resolver("recsys_demo_dir"):
+        OmegaConf.register_new_resolver("recsys_demo_dir", demo_dir)
+        OmegaConf.register_new_resolver(
+            "recsys_first", lambda *args: next((a for a in args if a is not None), None)
+        )
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+    for name, node in [
+        ("fm_schema", FMConfig),
+        ("lr_schema", LRConfig),
+        ("deepfm_schema", DeepFMConfig),
+        ("mlp_schema", MLPConfig),
+    ]:
+        cs.store(group="model", name=name, node=node)
+
+
+def to_object(cfg: Any) -> TrainConfig:
+    """Turn a composed config into typed dataclasses, running the range checks."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as e:  # omegaconf wraps errors raised in __post_init__
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(str(e).splitlines()[0]) from None

@@ -1,0 +1,236 @@
+"""The embedded demo data: a Criteo-like CTR set drawn from a planted FM, written once as Parquet.
+
+`python -m recsys.demo_data [--out DIR] [--rows N ...]` writes a set and prints its oracle figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recsys.config import demo_dir
+from recsys.metrics import binary_auc
+
+SPLITS = ("train", "validation", "test")
+INFO_FILE = "demo_info.json"
+
+
+def _log_spaced(n: int, low: int, high: int) -> list[int]:
+    return [int(round(x)) for x in np.geomspace(low, high, n)]
+
+
+@dataclass
+class DemoSpec:
+    """Shape of a generated data set; the defaults are the embedded demo set."""
+
+    rows: dict[str, int] = field(
+        default_factory=lambda: {"train": 2_000_000, "validation": 100_000, "test": 100_000}
+    )
+    n_dense: int = 8
+    cardinalities: list[int] = field(default_factory=lambda: _log_spaced(16, 20, 100_000))
+    tag_vocab: int = 1_000
+    max_tags: int = 8
+    latent_dim: int = 4
+    zipf_exponent: float = 1.1
+    pairwise_to_first_order: float = 1.2
+    base_rate: float = 0.25
+    null_rate: float = 0.02
+    rows_per_file: int = 100_000
+    seed: int = 0
+
+    @property
+    def dense_names(self) -> list[str]:
+        return [f"d{i}" for i in range(self.n_dense)]
+
+    @property
+    def categorical(self) -> dict[str, int]:
+        """Column -> table size, the multi-hot `tags` column last."""
+        cats = {f"c{i}": n for i, n in enumerate(self.cardinalities)}
+        if self.tag_vocab:
+            cats["tags"] = self.tag_vocab
+        return cats
+
+
+class PlantedModel:
+    """A factorization machine with random weights that draws features and labels."""
+
+    def __init__(self, spec: DemoSpec, rng: np.random.Generator):
+        self.spec = spec
+        k = spec.latent_dim
+        sizes = list(spec.categorical.values())
+        self.w = [rng.normal(0, 0.25, n).astype(np.float32) for n in sizes]
+        self.v = [rng.normal(0, 0.3, (n, k)).astype(np.float32) for n in sizes]
+        self.u = rng.normal(0, 0.3, spec.n_dense).astype(np.float32)
+        self.vd = rng.normal(0, 0.3, (spec.n_dense, k)).astype(np.float32)
+        self.perm = [rng.permutation(n) for n in sizes]
+        self.cdf = [self._zipf_cdf(n) for n in sizes]
+        for f, v in enumerate(self.v):
+            # centre each field's vectors on their frequency-weighted mean, so no pairwise
+            # effect leaks into a single feature's marginal: a first-order model cannot fit it
+            p = np.diff(self.cdf[f], prepend=0.0)
+            v -= (p[:, None] * v[self.perm[f]]).sum(0).astype(np.float32)
+        self.pair_scale = 1.0
+        self.bias = 0.0
+        self.noise_std = 1.0
+        sample = self.draw(rng, 50_000)
+        first, pair = sample["first"], sample["pair"]
+        self.pair_scale = spec.pairwise_to_first_order * first.std() / pair.std()
+        score = first + self.pair_scale * pair
+        lo, hi = -20.0, 20.0
+        for _ in range(60):  # bisect the bias that gives the wanted base rate
+            mid = (lo + hi) / 2
+            rate = (1 / (1 + np.exp(-(score + mid)))).mean()
+            lo, hi = (mid, hi) if rate < spec.base_rate else (lo, mid)
+        self.bias = (lo + hi) / 2
+
+    def _zipf_cdf(self, n: int) -> np.ndarray:
+        p = 1.0 / np.arange(1, n + 1) ** self.spec.zipf_exponent
+        return np.cumsum(p / p.sum())
+
+    def draw(self, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+        """Features, first-order and pairwise scores of n fresh rows."""
+        s = self.spec
+        dense = rng.normal(0, 1, (n, s.n_dense)).astype(np.float32)
+        first = self.bias + dense @ self.u
+        fields = [dense[:, :, None] * self.vd[None]]  # [n, n_dense, k]
+        ids: list[np.ndarray] = []
+        names = list(s.categorical)
+        for f in range(len(s.cardinalities)):
+            idx = self.perm[f][np.searchsorted(self.cdf[f], rng.random(n), side="right")]
+            idx = np.minimum(idx, len(self.cdf[f]) - 1)
+            ids.append(idx)
+            first = first + self.w[f][idx]
+            fields.append(self.v[f][idx][:, None, :])
+        lengths = offsets = tag_ids = None
+        if s.tag_vocab:
+            t = len(names) - 1
+            lengths = np.minimum(rng.poisson(2.0, n), s.max_tags)
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            tag_ids = self.perm[t][
+                np.minimum(np.searchsorted(self.cdf[t], rng.random(offsets[-1])), s.tag_vocab - 1)
+            ]
+            rows = np.repeat(np.arange(n), lengths)
+            first = first + np.bincount(rows, weights=self.w[t][tag_ids], minlength=n)
+            tag_vec = np.zeros((n, s.latent_dim), dtype=np.float64)
+            np.add.at(tag_vec, rows, self.v[t][tag_ids])
+            fields.append(tag_vec[:, None, :].astype(np.float32))
+        stacked = np.concatenate(fields, axis=1)
+        pair = 0.5 * ((stacked.sum(1) ** 2).sum(1) - (stacked**2).sum((1, 2)))
+        return {
+            "dense": dense,
+            "ids": ids,
+            "tag_lengths": lengths,
+            "tag_offsets": offsets,
+            "tag_ids": tag_ids,
+            "first": first.astype(np.float64),
+            "pair": pair.astype(np.float64),
+        }
+
+    def table(self, rng: np.random.Generator, n: int) -> tuple[pa.Table, np.ndarray]:
+        """n labelled rows as an Arrow table, and their true click probabilities."""
+        s = self.spec
+        d = self.draw(rng, n)
+        score = d["first"] + self.pair_scale * d["pair"]
+        p = 1 / (1 + np.exp(-score))
+        cols: dict[str, pa.Array] = {
+            "click": pa.array((rng.random(n) < p).astype(np.int8)),
+            "dwell": pa.array((score + rng.normal(0, self.noise_std, n)).astype(np.float32)),
+        }
+        for j, name in enumerate(s.dense_names):
+            x = d["dense"][:, j]
+            mask = rng.random(n) < s.null_rate if j == 3 else None
+            cols[name] = pa.array(x, mask=mask)
+        for name, ids in zip(s.categorical, d["ids"], strict=False):
+            cols[name] = pa.array(ids.astype(np.int64))
+        if s.tag_vocab:
+            offsets = pa.array(d["tag_offsets"].astype(np.int32))
+            cols["tags"] = pa.ListArray.from_arrays(offsets, pa.array(d["tag_ids"].astype(np.int64)))
+        return pa.table(cols), p
+
+    def first_order_probability(self, d: dict[str, np.ndarray]) -> np.ndarray:
+        return 1 / (1 + np.exp(-d["first"]))
+
+
+def generate(out: str | Path, spec: DemoSpec) -> dict:
+    """Write train/validation/test Parquet files under out (atomically) and return their info."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        rng = np.random.default_rng(spec.seed)
+        model = PlantedModel(spec, rng)
+        info: dict = {"spec": asdict(spec), "label": "click", "regression_label": "dwell"}
+        for split in SPLITS:
+            (tmp / split).mkdir()
+            clicks, probs = [], []
+            for part, start in enumerate(range(0, spec.rows[split], spec.rows_per_file)):
+                n = min(spec.rows_per_file, spec.rows[split] - start)
+                table, p = model.table(rng, n)
+                pq.write_table(table, tmp / split / f"part-{part:05d}.parquet", row_group_size=65536)
+                clicks.append(table.column("click").to_numpy())
+                probs.append(p)
+            y, p = np.concatenate(clicks), np.concatenate(probs)
+            info[split] = {
+                "rows": int(len(y)),
+                "base_rate": float(y.mean()),
+                "oracle_auc": binary_auc(p, y),
+                "oracle_dwell_rmse": model.noise_std,
+            }
+        fo = model.draw(np.random.default_rng(spec.seed + 1), 100_000)
+        full = 1 / (1 + np.exp(-(fo["first"] + model.pair_scale * fo["pair"])))
+        y = (np.random.default_rng(spec.seed + 2).random(len(full)) < full).astype(np.int8)
+        info["first_order_part_auc"] = binary_auc(model.first_order_probability(fo), y)
+        info["oracle_auc_same_sample"] = binary_auc(full, y)
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / INFO_FILE).exists():  # another process won the race when it exists
+                raise
+        return json.loads((out / INFO_FILE).read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_demo(path: str | Path | None = None) -> dict:
+    """Generate the embedded demo set into the cache once; later calls just read its info."""
+    path = Path(path or demo_dir())
+    if (path / INFO_FILE).exists():
+        return json.loads((path / INFO_FILE).read_text())
+    print(f"generating the demo data set into {path} (once) ...", flush=True)
+    return generate(path, DemoSpec())
+
+
+def main() -> None:
+    """Generate a demo-like set of any size (benchmarks use this)."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=demo_dir())
+    ap.add_argument("--rows", type=int, help="train rows (validation and test get 1/8 each)")
+    ap.add_argument("--dense", type=int, default=DemoSpec.n_dense)
+    ap.add_argument("--categorical", type=int, default=16, help="single-id categorical columns")
+    ap.add_argument("--no-tags", action="store_true", help="leave out the multi-hot column")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    spec = DemoSpec(
+        n_dense=args.dense,
+        cardinalities=_log_spaced(args.categorical, 10, 100_000),
+        tag_vocab=0 if args.no_tags else DemoSpec.tag_vocab,
+        seed=args.seed,
+    )
+    if args.rows:
+        spec.rows = {"train": args.rows, "validation": args.rows // 8, "test": args.rows // 8}
+    info = generate(args.out, spec)
+    print(json.dumps({k: v for k, v in info.items() if k != "spec"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

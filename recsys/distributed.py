@@ -1,0 +1,122 @@
+"""Process group set-up and TorchRec sharding (DistributedModelParallel, fused sparse optimizers)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from recsys.config import (
+    Device,
+    ShardingConfig,
+    ShardingType,
+    SparseOptimizer,
+    SparseOptimizerConfig,
+)
+from recsys.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SPARSE_OPTIMIZERS = {
+    SparseOptimizer.rowwise_adagrad: RowWiseAdagrad,
+    SparseOptimizer.adagrad: torch.optim.Adagrad,
+    SparseOptimizer.sgd: torch.optim.SGD,
+    SparseOptimizer.adam: torch.optim.Adam,
+}
+
+
+def quiet_torchrec() -> None:
+    """Silence TorchRec's and torch.distributed's advisory warnings on every run."""
+    for name in ("torchrec", "fbgemm_gpu", "torch.distributed", "torch.fx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def resolve_device(device: Device) -> torch.device:
+    if device is Device.cuda and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is visible: use cpu or auto")
+    if device is Device.cpu or (device is Device.auto and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_process_group(device: torch.device) -> None:
+    """Join torchrun's/SLURM's process group, or make a one-process one without any socket."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group(backend)
+    else:
+        os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def shard(
+    model: nn.Module,
+    device: torch.device,
+    sparse: SparseOptimizerConfig,
+    sharding: ShardingConfig,
+) -> DistributedModelParallel:
+    """Fuse the sparse optimizer into the tables' backward and let TorchRec's planner shard them."""
+    row_wise = {ShardingType.row_wise, ShardingType.table_row_wise} & set(sharding.types)
+    if device.type == "cpu" and row_wise:
+        raise ConfigError(
+            f"trainer.sharding.types has {sorted(t.value for t in row_wise)}, which needs "
+            "reduce_scatter; gloo (the CPU backend) lacks it: use table_wise, column_wise or "
+            "table_column_wise on CPU"
+        )
+    if device.type == "cpu" and sparse.type is SparseOptimizer.adam:
+        raise ConfigError(
+            "trainer.sparse_optimizer.type=adam is not supported by FBGEMM's CPU kernels: "
+            "use rowwise_adagrad (default), adagrad or sgd on CPU; adam works on CUDA"
+        )
+    kwargs: dict = {"lr": sparse.lr}
+    if sparse.type is not SparseOptimizer.sgd:
+        kwargs["eps"] = sparse.eps
+    if sparse.weight_decay:
+        kwargs["weight_decay"] = sparse.weight_decay
+    apply_optimizer_in_backward(SPARSE_OPTIMIZERS[sparse.type], model.ebc.parameters(), kwargs)
+    topology = Topology(world_size=dist.get_world_size(), compute_device=device.type)
+    constraints = {
+        table.name: ParameterConstraints(
+            sharding_types=[t.value for t in sharding.types], compute_kernels=["fused"]
+        )
+        for table in model.ebc.embedding_bag_configs()
+    }
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    plan = planner.collective_plan(model)
+    dmp = DistributedModelParallel(model, device=device, plan=plan)
+    log.info("sharding plan:\n%s", str(dmp.plan).strip())
+    return dmp
+
+
+def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters not updated by a fused optimizer in backward."""
+    return [p for _, p in in_backward_optimizer_filter(model.named_parameters())]
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Plain, unsharded CPU tensors of every weight (complete on rank 0)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            full = torch.empty(value.size(), dtype=value.dtype) if dist.get_rank() == 0 else None
+            value.gather(dst=0, out=full)
+            out[key] = full
+        elif hasattr(value, "full_tensor"):  # DTensor
+            out[key] = value.full_tensor().cpu()
+        else:
+            out[key] = value.detach().cpu().clone()
+    return out

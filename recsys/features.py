@@ -1,0 +1,41 @@
+"""The feature spec: which columns are label, dense floats and categorical ids."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from recsys.config import DataConfig, Task
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Column roles and table sizes; saved with every exported model."""
+
+    label: str
+    task: Task
+    dense: tuple[str, ...]
+    categorical: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def from_data_config(cls, data: DataConfig) -> FeatureSpec:
+        return cls(data.label, data.task, tuple(data.dense), tuple(data.categorical.items()))
+
+    @property
+    def categorical_names(self) -> list[str]:
+        return [name for name, _ in self.categorical]
+
+    @property
+    def columns(self) -> list[str]:
+        return [self.label, *self.dense, *self.categorical_names]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["task"] = self.task.value
+        d["categorical"] = dict(self.categorical)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FeatureSpec:
+        return cls(
+            d["label"], Task(d["task"]), tuple(d["dense"]), tuple(d["categorical"].items())
+        )

@@ -1,0 +1,63 @@
+"""Evaluation metrics: AUC, logloss and normalised entropy for binary tasks; RMSE/MAE for regression."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from recsys.config import Task
+
+# Whether a larger value of each metric is better (used by early stopping and objectives).
+HIGHER_IS_BETTER = {"auc": True, "logloss": False, "ne": False, "rmse": False, "mae": False}
+DEFAULT_METRIC = {Task.binary: "auc", Task.regression: "rmse"}
+TASK_METRICS = {Task.binary: ("auc", "logloss", "ne"), Task.regression: ("rmse", "mae")}
+
+
+def binary_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Exact ROC AUC, ties counted as half (Mann-Whitney U)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels) > 0.5
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores), dtype=np.float64)
+    # average ranks over runs of tied scores
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], len(scores)]
+    avg = (starts + ends + 1) / 2.0
+    ranks[order] = np.repeat(avg, ends - starts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def compute(task: Task, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """All metrics of a task from raw model outputs (logits for binary, values for regression)."""
+    logits = logits.astype(np.float64)
+    if task is Task.binary:
+        # log(1 + e^-|x|) + max(x, 0) - x*y is the stable binary cross-entropy
+        ll = np.mean(np.logaddexp(0, logits) - logits * labels)
+        p = float(np.clip(labels.mean(), 1e-12, 1 - 1e-12))
+        entropy = -(p * np.log(p) + (1 - p) * np.log(1 - p))
+        return {"auc": binary_auc(logits, labels), "logloss": float(ll), "ne": float(ll / entropy)}
+    err = logits - labels
+    return {"rmse": float(np.sqrt(np.mean(err**2))), "mae": float(np.mean(np.abs(err)))}
+
+
+class Accumulator:
+    """Collects a split's outputs batch by batch; 8 bytes per row."""
+
+    def __init__(self, task: Task):
+        self.task = task
+        self.logits: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.logits.append(logits.detach().float().cpu())
+        self.labels.append(labels.detach().float().cpu())
+
+    def result(self) -> dict[str, float]:
+        logits = torch.cat(self.logits).numpy()
+        labels = torch.cat(self.labels).numpy()
+        return compute(self.task, logits, labels)

@@ -1,0 +1,152 @@
+"""The models. Each is `forward(dense, sparse) -> logits` over one TorchRec EmbeddingBagCollection."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+
+from recsys.config import Pooling
+from recsys.features import FeatureSpec
+
+
+def table_width(vector_dim: int, first_order: bool) -> int:
+    """Columns of a table: the vector, then the first-order weight, padded to a multiple of 4.
+
+    FBGEMM's fused CPU kernels need widths that are multiples of 4, so a dim-1 bias table
+    cannot be fused; the bias rides in the vector's table instead and shares its lookup.
+    """
+    width = vector_dim + int(first_order)
+    return -(-width // 4) * 4
+
+
+def fm_pairwise(fields: torch.Tensor) -> torch.Tensor:
+    """Sum over field pairs i < j of <v_i, v_j>, for fields [B, F, k], in O(F k)."""
+    return 0.5 * (fields.sum(1).pow(2) - fields.pow(2).sum(1)).sum(1)
+
+
+def mlp(inputs: int, hidden: list[int], dropout: float, batch_norm: bool) -> nn.Sequential:
+    """Hidden layers (Linear, [BatchNorm], ReLU, [Dropout]) and a Linear to one logit."""
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers.append(nn.Linear(inputs, width))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(width))
+        layers.append(nn.ReLU())
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        inputs = width
+    layers.append(nn.Linear(inputs, 1))
+    return nn.Sequential(*layers)
+
+
+class EmbeddingModel(nn.Module):
+    """Owns the embedding tables: one per categorical feature, each with an optional bias column."""
+
+    def __init__(
+        self,
+        features: FeatureSpec,
+        embedding_dim: int,
+        pooling: Pooling,
+        init_std: float,
+        first_order: bool,
+        device: torch.device | str = "meta",
+    ):
+        super().__init__()
+        self.features = features
+        self.vector_dim = embedding_dim
+        self.first_order = first_order
+        self.width = table_width(embedding_dim, first_order)
+        init = partial(nn.init.normal_, mean=0.0, std=init_std)
+        self.ebc = EmbeddingBagCollection(
+            tables=[
+                EmbeddingBagConfig(
+                    name=f"t_{name}",
+                    embedding_dim=self.width,
+                    num_embeddings=rows,
+                    feature_names=[name],
+                    pooling=PoolingType[pooling.name.upper()],
+                    init_fn=init,
+                )
+                for name, rows in features.categorical
+            ],
+            device=torch.device(device),
+        )
+        self.num_dense = len(features.dense)
+        self.num_sparse = len(features.categorical)
+
+    def embed(self, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pooled vectors [B, F, k] and first-order weights [B, F] (if any) of the features."""
+        pooled = self.ebc(sparse).values()
+        pooled = pooled.view(pooled.shape[0], self.num_sparse, self.width)
+        bias = pooled[..., self.vector_dim] if self.first_order else None
+        return pooled[..., : self.vector_dim], bias
+
+
+class LR(EmbeddingModel):
+    """First-order baseline: a weight per id and per dense feature (logistic/linear regression)."""
+
+    def __init__(self, features: FeatureSpec, embedding_dim: int, pooling: Pooling,
+                 init_std: float, device: torch.device | str = "meta"):
+        super().__init__(features, 0, pooling, init_std, first_order=True, device=device)
+        self.linear = nn.Linear(self.num_dense, 1)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        _, bias = self.embed(sparse)
+        return self.linear(dense).squeeze(-1) + bias.sum(1)
+
+
+class FM(EmbeddingModel):
+    """Factorization machine; dense features enter as fields x_d * v_d."""
+
+    def __init__(self, features: FeatureSpec, embedding_dim: int, pooling: Pooling,
+                 init_std: float, device: torch.device | str = "meta"):
+        super().__init__(features, embedding_dim, pooling, init_std, first_order=True,
+                         device=device)
+        self.linear = nn.Linear(self.num_dense, 1)
+        self.dense_vectors = nn.Parameter(torch.randn(self.num_dense, embedding_dim) * init_std)
+
+    def fields(self, dense: torch.Tensor, sparse: KeyedJaggedTensor):
+        """All fields' vectors [B, F + D, k] and the first-order logit [B]."""
+        vectors, bias = self.embed(sparse)
+        dense_fields = dense.unsqueeze(-1) * self.dense_vectors
+        first = self.linear(dense).squeeze(-1) + bias.sum(1)
+        return torch.cat([vectors, dense_fields], dim=1), first
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        fields, first = self.fields(dense, sparse)
+        return first + fm_pairwise(fields)
+
+
+class DeepFM(FM):
+    """FM plus an MLP over the same field vectors (embeddings shared by both parts)."""
+
+    def __init__(self, features: FeatureSpec, embedding_dim: int, pooling: Pooling,
+                 init_std: float, hidden: list[int], dropout: float, batch_norm: bool,
+                 device: torch.device | str = "meta"):
+        super().__init__(features, embedding_dim, pooling, init_std, device=device)
+        fields = self.num_sparse + self.num_dense
+        self.dnn = mlp(fields * embedding_dim, list(hidden), dropout, batch_norm)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        fields, first = self.fields(dense, sparse)
+        deep = self.dnn(fields.flatten(1)).squeeze(-1)
+        return first + fm_pairwise(fields) + deep
+
+
+class MLP(EmbeddingModel):
+    """An MLP over the concatenated embeddings and raw dense features."""
+
+    def __init__(self, features: FeatureSpec, embedding_dim: int, pooling: Pooling,
+                 init_std: float, hidden: list[int], dropout: float, batch_norm: bool,
+                 device: torch.device | str = "meta"):
+        super().__init__(features, embedding_dim, pooling, init_std, first_order=False,
+                         device=device)
+        inputs = self.num_sparse * embedding_dim + self.num_dense
+        self.dnn = mlp(inputs, list(hidden), dropout, batch_norm)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        vectors, _ = self.embed(sparse)
+        return self.dnn(torch.cat([vectors.flatten(1), dense], dim=1)).squeeze(-1)

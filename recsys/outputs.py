@@ -1,0 +1,108 @@
+"""What a run leaves in its run dir: resolved config, metrics.json, the exported model."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from recsys.errors import RecsysError
+from recsys.features import FeatureSpec
+
+MODEL_FILE = "model.pt"
+MODEL_FORMAT = "recsys.model/1"
+
+
+def write_atomic(path: Path, write: Any) -> None:
+    """Write through `write(tmp_path)` to a temporary name beside path, then rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_config(run_dir: Path, cfg: DictConfig) -> None:
+    """The fully resolved config, as this run saw it."""
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def save_model(
+    run_dir: Path, model_cfg: DictConfig, spec: FeatureSpec, state: dict[str, torch.Tensor]
+) -> Path:
+    """Weights with the feature spec and model config: all that `load_model` needs."""
+    payload = {
+        "format": MODEL_FORMAT,
+        "model": OmegaConf.to_container(model_cfg, resolve=True, enum_to_str=True),
+        "features": spec.to_dict(),
+        "state_dict": state,
+    }
+    path = run_dir / MODEL_FILE
+    write_atomic(path, lambda tmp: torch.save(payload, tmp))
+    return path
+
+
+def load_model(run_dir: str | Path) -> tuple[nn.Module, FeatureSpec]:
+    """An exported model on CPU in eval mode, built without any process group."""
+    path = Path(run_dir) / MODEL_FILE
+    if not path.exists():
+        raise RecsysError(f"{path} does not exist: the run has no finished model")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if payload.get("format") != MODEL_FORMAT:
+        raise RecsysError(f"{path} is not a recsys model file (format {payload.get('format')})")
+    spec = FeatureSpec.from_dict(payload["features"])
+    model_cfg = OmegaConf.create(payload["model"])
+    model = instantiate(model_cfg, _partial_=True, _convert_="all")(features=spec, device="cpu")
+    model.load_state_dict(payload["state_dict"])
+    return model.eval(), spec
+
+
+def flat_hparams(cfg: DictConfig) -> dict[str, int | float | str | bool]:
+    """Scalar hyper-parameters for TensorBoard's HParams view."""
+    out: dict[str, int | float | str | bool] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(node, int | float | str | bool):
+            out[prefix] = node
+        elif node is None:
+            out[prefix] = "null"
+        else:
+            out[prefix] = str(node)
+
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    for section in ("model", "trainer"):
+        walk(section, container[section])
+    data = container["data"]
+    for key in ("path", "batch_size", "label", "task"):
+        out[f"data.{key}"] = str(data[key]) if not isinstance(data[key], int) else data[key]
+    out["seed"] = container["seed"]
+    return out
+
+
+def summary_table(rows: list[tuple[str, str]]) -> str:
+    """A two-column text table."""
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 2 + max(len(v) for _, v in rows))
+    return "\n".join([line, *(f"{k:<{width}}  {v}" for k, v in rows), line])

@@ -1,0 +1,168 @@
+"""`python -m recsys.train [overrides]`: compose the config, train, evaluate, write the run dir."""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch.utils.tensorboard import SummaryWriter
+
+from recsys import config as schema
+from recsys.data import DataQuality, open_split
+from recsys.demo_data import ensure_demo
+from recsys.distributed import (
+    dense_parameters,
+    full_state_dict,
+    init_process_group,
+    quiet_torchrec,
+    resolve_device,
+    shard,
+)
+from recsys.errors import ConfigError, RecsysError
+from recsys.features import FeatureSpec
+from recsys.metrics import DEFAULT_METRIC, HIGHER_IS_BETTER, TASK_METRICS
+from recsys.outputs import (
+    flat_hparams,
+    save_config,
+    save_model,
+    summary_table,
+    write_json,
+)
+from recsys.trainer import Trainer
+
+log = logging.getLogger("recsys")
+schema.register()
+
+
+def _metric(name: str | None, task: schema.Task, key: str) -> str:
+    """A metric name the task has, defaulting to the task's main metric."""
+    name = name or DEFAULT_METRIC[task]
+    if name not in TASK_METRICS[task]:
+        raise ConfigError(
+            f"{key}={name} is not a {task.value} metric: use one of {', '.join(TASK_METRICS[task])}"
+        )
+    return name
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> float:
+    """Train one model as configured and return its objective (a validation metric)."""
+    start = time.perf_counter()
+    typed = schema.to_object(cfg)
+    data, tcfg = typed.data, typed.trainer
+    task = data.task
+    objective = _metric(typed.objective, task, "objective")
+    monitor = _metric(tcfg.early_stopping.metric or objective, task, "trainer.early_stopping.metric")
+    if data.validation is None and tcfg.early_stopping.enabled:
+        raise ConfigError("trainer.early_stopping.enabled=true needs a validation split (data.validation)")
+    quiet_torchrec()
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    if Path(data.path).expanduser() == Path(schema.demo_dir()):
+        ensure_demo(data.path)
+    seed_everything(typed.seed)
+    device = resolve_device(tcfg.device)
+
+    quality = DataQuality()
+    train = open_split(data, data.train, quality, train=True)
+    val = test = None
+    if data.validation:
+        val = open_split(data, data.validation, quality, False, tcfg.max_eval_batches)
+    if data.test:
+        test = open_split(data, data.test, quality, False, tcfg.max_eval_batches)
+    spec = FeatureSpec.from_data_config(data)
+
+    init_process_group(device)
+    model = instantiate(cfg.model, _partial_=True, _convert_="all")(features=spec, device="meta")
+    model = shard(model, device, tcfg.sparse_optimizer, tcfg.sharding)
+    dense_opt = instantiate(cfg.trainer.dense_optimizer, params=dense_parameters(model))
+    save_config(run_dir, cfg)
+    writer = SummaryWriter(log_dir=str(run_dir))
+    log.info(
+        "training %s on %s: %d train rows, %d steps/epoch, batch %d, device %s",
+        type(model.module).__name__, data.path, train.num_rows, len(train), data.batch_size,
+        device,
+    )
+    trainer = Trainer(model, dense_opt, tcfg, task, device, writer, monitor)
+    fit = trainer.fit(train, val)
+    val_metrics = fit.evaluations[-1] if fit.evaluations else {}
+    val_metrics = {k: v for k, v in val_metrics.items() if k != "step"}
+    test_metrics = trainer.evaluate(test) if test is not None else {}
+    wall = time.perf_counter() - start
+    metrics = {
+        "validation": val_metrics,
+        "test": test_metrics,
+        "objective": {
+            "split": "validation",
+            "metric": objective,
+            "value": val_metrics.get(objective, float("nan")),
+            "higher_is_better": HIGHER_IS_BETTER[objective],
+        },
+        "train": {
+            "steps": fit.steps,
+            "epochs": fit.epochs,
+            "samples": fit.samples,
+            "samples_per_s": fit.samples_per_s,
+            "train_seconds": fit.train_seconds,
+            "final_loss": fit.final_loss,
+            "stopped_early": fit.stopped_early,
+            "evaluations": fit.evaluations,
+        },
+        "wall_time_s": wall,
+        "data_quality": quality.to_dict(),
+    }
+    write_json(run_dir / "metrics.json", metrics)
+    model_path = save_model(run_dir, cfg.model, spec, full_state_dict(model))
+    final = {f"validation/{k}": v for k, v in val_metrics.items()}
+    final |= {f"test/{k}": v for k, v in test_metrics.items()}
+    final["train/samples_per_s"] = fit.samples_per_s
+    writer.add_hparams(flat_hparams(cfg), final, run_name=".", global_step=fit.steps)
+    writer.close()
+
+    rows = [(f"validation {k}", f"{v:.4f}") for k, v in val_metrics.items()]
+    rows += [(f"test {k}", f"{v:.4f}") for k, v in test_metrics.items()]
+    rows += [
+        ("objective", f"validation {objective} = {metrics['objective']['value']:.4f}"),
+        ("steps / epochs", f"{fit.steps} / {fit.epochs}" + (" (early stop)" if fit.stopped_early else "")),
+        ("train samples/s", f"{fit.samples_per_s:,.0f}"),
+        ("wall time", f"{wall:.1f} s"),
+    ]
+    for kind, counts in quality.to_dict().items():
+        counts = {k: v for k, v in counts.items() if v}
+        if counts:
+            rows.append((kind.replace("_", " "), ", ".join(f"{k}: {v}" for k, v in counts.items())))
+    rows += [("run dir", str(run_dir)), ("model", str(model_path))]
+    log.info("summary\n%s", summary_table(rows))
+    return metrics["objective"]["value"]
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    """Entry point; user errors end the run with one line naming the fix."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        return run(cfg, run_dir)
+    except RecsysError as e:
+        if HydraConfig.get().mode is RunMode.MULTIRUN:
+            raise
+        log.error("error: %s", e)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Shared fixtures: a small generated data set, config composition, CLI runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from recsys import config as schema
+from recsys.demo_data import DemoSpec, generate
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+schema.register()
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    """A demo-like set (same columns as the demo) small enough for fast training tests."""
+    out = tmp_path_factory.mktemp("data") / "small"
+    spec = DemoSpec(rows={"train": 200_000, "validation": 40_000, "test": 40_000})
+    generate(out, spec)
+    return out
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m recsys.train ARGS` in a fresh process."""
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "recsys.train", *args],
+        cwd=cwd or ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def metrics_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
