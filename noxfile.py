@@ -1,10 +1,10 @@
 """Task runner: every session installs what it needs into .venv (once), then runs.
 
-    nox -s demo     train DeepFM on the embedded demo data
-    nox -s tests    the test suite (what .ci/run runs)
-    nox -s dev      just create .venv with the project in editable mode
-    nox -s bench    throughput benchmark against a plain PyTorch baseline
-    nox -s lint     ruff
+nox -s demo     train DeepFM on the embedded demo data
+nox -s tests    the test suite (what .ci/run runs)
+nox -s dev      just create .venv with the project in editable mode
+nox -s bench    throughput benchmark against a plain PyTorch baseline
+nox -s lint     ruff
 """
 
 from __future__ import annotations

@@ -284,15 +284,15 @@ def register() -> None:
         )
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    cs.store(group="data", name="data_schema", node=DataConfig)
-    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+    cs.store(group="schema/data", name="local", node=DataConfig)
+    cs.store(group="schema/trainer", name="default", node=TrainerConfig)
     for name, node in [
-        ("fm_schema", FMConfig),
-        ("lr_schema", LRConfig),
-        ("deepfm_schema", DeepFMConfig),
-        ("mlp_schema", MLPConfig),
+        ("fm", FMConfig),
+        ("lr", LRConfig),
+        ("deepfm", DeepFMConfig),
+        ("mlp", MLPConfig),
     ]:
-        cs.store(group="model", name=name, node=node)
+        cs.store(group="schema/model", name=name, node=node)
 
 
 def to_object(cfg: Any) -> TrainConfig:

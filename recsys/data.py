@@ -29,10 +29,7 @@ T = TypeVar("T")
 def find_files(root: str, split: str) -> list[str]:
     """The Parquet files of one split: a sub-directory, file or glob, relative to root."""
     target = split if Path(split).is_absolute() else str(Path(root).expanduser() / split)
-    if glob.has_magic(target):
-        matches = sorted(glob.glob(target, recursive=True))
-    else:
-        matches = [target]
+    matches = sorted(glob.glob(target, recursive=True)) if glob.has_magic(target) else [target]
     files: list[str] = []
     for m in matches:
         p = Path(m)

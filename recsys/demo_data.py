@@ -153,7 +153,9 @@ class PlantedModel:
             cols[name] = pa.array(ids.astype(np.int64))
         if s.tag_vocab:
             offsets = pa.array(d["tag_offsets"].astype(np.int32))
-            cols["tags"] = pa.ListArray.from_arrays(offsets, pa.array(d["tag_ids"].astype(np.int64)))
+            cols["tags"] = pa.ListArray.from_arrays(
+                offsets, pa.array(d["tag_ids"].astype(np.int64))
+            )
         return pa.table(cols), p
 
     def first_order_probability(self, d: dict[str, np.ndarray]) -> np.ndarray:
@@ -175,7 +177,9 @@ def generate(out: str | Path, spec: DemoSpec) -> dict:
             for part, start in enumerate(range(0, spec.rows[split], spec.rows_per_file)):
                 n = min(spec.rows_per_file, spec.rows[split] - start)
                 table, p = model.table(rng, n)
-                pq.write_table(table, tmp / split / f"part-{part:05d}.parquet", row_group_size=65536)
+                pq.write_table(
+                    table, tmp / split / f"part-{part:05d}.parquet", row_group_size=65536
+                )
                 clicks.append(table.column("click").to_numpy())
                 probs.append(p)
             y, p = np.concatenate(clicks), np.concatenate(probs)

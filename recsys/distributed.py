@@ -1,4 +1,4 @@
-"""Process group set-up and TorchRec sharding (DistributedModelParallel, fused sparse optimizers)."""
+"""Process group set-up and TorchRec sharding: DMP with fused sparse optimizers."""
 
 from __future__ import annotations
 

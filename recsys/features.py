@@ -36,6 +36,4 @@ class FeatureSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> FeatureSpec:
-        return cls(
-            d["label"], Task(d["task"]), tuple(d["dense"]), tuple(d["categorical"].items())
-        )
+        return cls(d["label"], Task(d["task"]), tuple(d["dense"]), tuple(d["categorical"].items()))

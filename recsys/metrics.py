@@ -1,4 +1,4 @@
-"""Evaluation metrics: AUC, logloss and normalised entropy for binary tasks; RMSE/MAE for regression."""
+"""Metrics: AUC, logloss and normalised entropy (binary); RMSE and MAE (regression)."""
 
 from __future__ import annotations
 

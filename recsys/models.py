@@ -1,4 +1,4 @@
-"""The models. Each is `forward(dense, sparse) -> logits` over one TorchRec EmbeddingBagCollection."""
+"""The models: each is `forward(dense, sparse) -> logits` over one EmbeddingBagCollection."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ class EmbeddingModel(nn.Module):
                     embedding_dim=self.width,
                     num_embeddings=rows,
                     feature_names=[name],
-                    pooling=PoolingType[pooling.name.upper()],
+                    pooling=PoolingType[Pooling(pooling).name.upper()],
                     init_fn=init,
                 )
                 for name, rows in features.categorical
@@ -88,8 +88,14 @@ class EmbeddingModel(nn.Module):
 class LR(EmbeddingModel):
     """First-order baseline: a weight per id and per dense feature (logistic/linear regression)."""
 
-    def __init__(self, features: FeatureSpec, embedding_dim: int, pooling: Pooling,
-                 init_std: float, device: torch.device | str = "meta"):
+    def __init__(
+        self,
+        features: FeatureSpec,
+        embedding_dim: int,
+        pooling: Pooling,
+        init_std: float,
+        device: torch.device | str = "meta",
+    ):
         super().__init__(features, 0, pooling, init_std, first_order=True, device=device)
         self.linear = nn.Linear(self.num_dense, 1)
 
@@ -101,10 +107,17 @@ class LR(EmbeddingModel):
 class FM(EmbeddingModel):
     """Factorization machine; dense features enter as fields x_d * v_d."""
 
-    def __init__(self, features: FeatureSpec, embedding_dim: int, pooling: Pooling,
-                 init_std: float, device: torch.device | str = "meta"):
-        super().__init__(features, embedding_dim, pooling, init_std, first_order=True,
-                         device=device)
+    def __init__(
+        self,
+        features: FeatureSpec,
+        embedding_dim: int,
+        pooling: Pooling,
+        init_std: float,
+        device: torch.device | str = "meta",
+    ):
+        super().__init__(
+            features, embedding_dim, pooling, init_std, first_order=True, device=device
+        )
         self.linear = nn.Linear(self.num_dense, 1)
         self.dense_vectors = nn.Parameter(torch.randn(self.num_dense, embedding_dim) * init_std)
 
@@ -123,9 +136,17 @@ class FM(EmbeddingModel):
 class DeepFM(FM):
     """FM plus an MLP over the same field vectors (embeddings shared by both parts)."""
 
-    def __init__(self, features: FeatureSpec, embedding_dim: int, pooling: Pooling,
-                 init_std: float, hidden: list[int], dropout: float, batch_norm: bool,
-                 device: torch.device | str = "meta"):
+    def __init__(
+        self,
+        features: FeatureSpec,
+        embedding_dim: int,
+        pooling: Pooling,
+        init_std: float,
+        hidden: list[int],
+        dropout: float,
+        batch_norm: bool,
+        device: torch.device | str = "meta",
+    ):
         super().__init__(features, embedding_dim, pooling, init_std, device=device)
         fields = self.num_sparse + self.num_dense
         self.dnn = mlp(fields * embedding_dim, list(hidden), dropout, batch_norm)
@@ -139,11 +160,20 @@ class DeepFM(FM):
 class MLP(EmbeddingModel):
     """An MLP over the concatenated embeddings and raw dense features."""
 
-    def __init__(self, features: FeatureSpec, embedding_dim: int, pooling: Pooling,
-                 init_std: float, hidden: list[int], dropout: float, batch_norm: bool,
-                 device: torch.device | str = "meta"):
-        super().__init__(features, embedding_dim, pooling, init_std, first_order=False,
-                         device=device)
+    def __init__(
+        self,
+        features: FeatureSpec,
+        embedding_dim: int,
+        pooling: Pooling,
+        init_std: float,
+        hidden: list[int],
+        dropout: float,
+        batch_norm: bool,
+        device: torch.device | str = "meta",
+    ):
+        super().__init__(
+            features, embedding_dim, pooling, init_std, first_order=False, device=device
+        )
         inputs = self.num_sparse * embedding_dim + self.num_dense
         self.dnn = mlp(inputs, list(hidden), dropout, batch_norm)
 

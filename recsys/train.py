@@ -67,9 +67,13 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     data, tcfg = typed.data, typed.trainer
     task = data.task
     objective = _metric(typed.objective, task, "objective")
-    monitor = _metric(tcfg.early_stopping.metric or objective, task, "trainer.early_stopping.metric")
+    monitor = _metric(
+        tcfg.early_stopping.metric or objective, task, "trainer.early_stopping.metric"
+    )
     if data.validation is None and tcfg.early_stopping.enabled:
-        raise ConfigError("trainer.early_stopping.enabled=true needs a validation split (data.validation)")
+        raise ConfigError(
+            "trainer.early_stopping.enabled=true needs a validation split (data.validation)"
+        )
     quiet_torchrec()
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
@@ -95,7 +99,11 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     writer = SummaryWriter(log_dir=str(run_dir))
     log.info(
         "training %s on %s: %d train rows, %d steps/epoch, batch %d, device %s",
-        type(model.module).__name__, data.path, train.num_rows, len(train), data.batch_size,
+        type(model.module).__name__,
+        data.path,
+        train.num_rows,
+        len(train),
+        data.batch_size,
         device,
     )
     trainer = Trainer(model, dense_opt, tcfg, task, device, writer, monitor)
@@ -138,7 +146,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     rows += [(f"test {k}", f"{v:.4f}") for k, v in test_metrics.items()]
     rows += [
         ("objective", f"validation {objective} = {metrics['objective']['value']:.4f}"),
-        ("steps / epochs", f"{fit.steps} / {fit.epochs}" + (" (early stop)" if fit.stopped_early else "")),
+        (
+            "steps / epochs",
+            f"{fit.steps} / {fit.epochs}" + (" (early stop)" if fit.stopped_early else ""),
+        ),
         ("train samples/s", f"{fit.samples_per_s:,.0f}"),
         ("wall time", f"{wall:.1f} s"),
     ]

@@ -81,7 +81,7 @@ class FitResult:
 
 
 class Trainer:
-    """Trains a sharded model; dense parameters through `dense_optimizer`, tables fused in backward."""
+    """Trains a sharded model: dense parameters by `dense_optimizer`, tables fused in backward."""
 
     def __init__(
         self,
@@ -101,9 +101,7 @@ class Trainer:
         self.device = device
         self.writer = writer
         self.monitor = monitor
-        self._base_lrs = [
-            [g["lr"] for g in opt.param_groups] for opt in self._optimizers()
-        ]
+        self._base_lrs = [[g["lr"] for g in opt.param_groups] for opt in self._optimizers()]
 
     def _optimizers(self) -> list[torch.optim.Optimizer]:
         return [o for o in (self.dense_optimizer, self.fused_optimizer) if o is not None]
@@ -175,7 +173,12 @@ class Trainer:
                     else:
                         log.info(
                             "epoch %d step %d/%d  loss %.4f  lr %.2e  %s samples/s",
-                            epoch + 1, result.steps, total, value, lr, f"{rate:,.0f}",
+                            epoch + 1,
+                            result.steps,
+                            total,
+                            value,
+                            lr,
+                            f"{rate:,.0f}",
                         )
                 bar.update(1)
                 every = cfg.eval_every_steps
@@ -218,7 +221,10 @@ class Trainer:
             log.info(
                 "early stopping: validation %s has not improved for %d evaluations "
                 "(best %.4f at step %d)",
-                self.monitor, stopper.patience, stopper.best, stopper.best_step,
+                self.monitor,
+                stopper.patience,
+                stopper.best,
+                stopper.best_step,
             )
         return stop
 

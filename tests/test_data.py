@@ -6,7 +6,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys.config import DataConfig, OovPolicy, Task
-from recsys.data import BatchConverter, DataQuality, ParquetSplit, check_schema, find_files, open_split, prefetched
+from recsys.data import (
+    BatchConverter,
+    DataQuality,
+    ParquetSplit,
+    check_schema,
+    find_files,
+    open_split,
+    prefetched,
+)
 from recsys.errors import DataError
 from recsys.features import FeatureSpec
 
@@ -61,12 +69,16 @@ def test_sliced_list_columns_convert_from_their_own_offsets():
 
 
 def test_out_of_range_id_with_error_policy_names_column_and_fix():
-    with pytest.raises(DataError, match=r"'a' in mem has id 12 outside its table of 10 rows.*data.oov=mod"):
+    with pytest.raises(
+        DataError, match=r"'a' in mem has id 12 outside its table of 10 rows.*data.oov=mod"
+    ):
         convert(table(), oov=OovPolicy.error)
 
 
 def test_non_binary_label_is_refused():
-    with pytest.raises(DataError, match=r"label column 'y' in mem has value 3.0.*data.task=regression"):
+    with pytest.raises(
+        DataError, match=r"label column 'y' in mem has value 3.0.*data.task=regression"
+    ):
         convert(table(y=pa.array([0, 1, 3, 1, 0])))
 
 
@@ -79,7 +91,9 @@ def test_no_parquet_files(tmp_path):
 def test_missing_column_names_column_file_and_key(tmp_path):
     write(tmp_path / "train", table().drop_columns(["a"]))
     files = find_files(str(tmp_path), "train")
-    with pytest.raises(DataError, match=r"column 'a' \(data.categorical.a\) is not in .*part-0.parquet"):
+    with pytest.raises(
+        DataError, match=r"column 'a' \(data.categorical.a\) is not in .*part-0.parquet"
+    ):
         check_schema(files, SPEC)
 
 
@@ -98,22 +112,35 @@ def test_batches_are_exact_across_files_and_keep_row_order(tmp_path):
     for i, n in enumerate([7, 13, 1, 20]):
         y = rng.integers(0, 2, n)
         labels.append(y)
-        t = pa.table({
-            "y": y, "x": rng.random(n), "a": rng.integers(0, 10, n),
-            "tags": pa.array([[int(v)] for v in rng.integers(0, 100, n)]),
-        })
+        t = pa.table(
+            {
+                "y": y,
+                "x": rng.random(n),
+                "a": rng.integers(0, 10, n),
+                "tags": pa.array([[int(v)] for v in rng.integers(0, 100, n)]),
+            }
+        )
         write(tmp_path / "train", t, f"part-{i}.parquet")
-    split = ParquetSplit(find_files(str(tmp_path), "train"), BatchConverter(SPEC, 0.0, OovPolicy.mod, DataQuality()), batch_size=8)
+    split = ParquetSplit(
+        find_files(str(tmp_path), "train"),
+        BatchConverter(SPEC, 0.0, OovPolicy.mod, DataQuality()),
+        batch_size=8,
+    )
     batches = list(split)
     assert [len(b.labels) for b in batches] == [8, 8, 8, 8, 8, 1]
     assert len(split) == 6
-    assert np.concatenate([b.labels.numpy() for b in batches]).tolist() == np.concatenate(labels).tolist()
+    assert (
+        np.concatenate([b.labels.numpy() for b in batches]).tolist()
+        == np.concatenate(labels).tolist()
+    )
 
 
 def test_open_split_globs_and_max_batches(tmp_path):
     for i in range(3):
         write(tmp_path / f"day={i}", table(), "f.parquet")
-    data = DataConfig(path=str(tmp_path), label="y", dense=["x"], categorical={"a": 10, "tags": 100}, batch_size=4)
+    data = DataConfig(
+        path=str(tmp_path), label="y", dense=["x"], categorical={"a": 10, "tags": 100}, batch_size=4
+    )
     split = open_split(data, "day=*", DataQuality(), train=True, max_batches=2)
     assert split.num_rows == 15 and len(split) == 2 and len(list(split)) == 2
 

@@ -56,7 +56,9 @@ def test_sum_square_trick_equals_explicit_pairwise_sum():
     torch.testing.assert_close(fm_pairwise(fields), explicit)
 
 
-@pytest.mark.parametrize("dim,first,width", [(16, True, 20), (16, False, 16), (10, True, 12), (0, True, 4)])
+@pytest.mark.parametrize(
+    "dim,first,width", [(16, True, 20), (16, False, 16), (10, True, 12), (0, True, 4)]
+)
 def test_table_width_is_a_multiple_of_4(dim, first, width):
     assert table_width(dim, first) == width
 
@@ -74,8 +76,9 @@ def test_fm_forward_matches_reference():
 
 def test_deepfm_is_fm_plus_dnn_over_the_same_embeddings():
     torch.manual_seed(0)
-    model = DeepFM(SPEC, 4, Pooling.sum, 0.3, hidden=[8], dropout=0.0, batch_norm=False,
-                   device="cpu").eval()
+    model = DeepFM(
+        SPEC, 4, Pooling.sum, 0.3, hidden=[8], dropout=0.0, batch_norm=False, device="cpu"
+    ).eval()
     dense, kjt = tiny_batch()
     out = model(dense, kjt)
     fm_part, deep_in = [], []
@@ -108,8 +111,7 @@ def fields_by_hand_lr(model, dense):
 
 def test_mean_pooling_averages_multi_hot_ids():
     torch.manual_seed(0)
-    model = MLP(SPEC, 4, Pooling.mean, 0.3, hidden=[8], dropout=0.0, batch_norm=False,
-                device="cpu")
+    model = MLP(SPEC, 4, Pooling.mean, 0.3, hidden=[8], dropout=0.0, batch_norm=False, device="cpu")
     _, kjt = tiny_batch()
     vectors, bias = model.embed(kjt)
     assert bias is None

@@ -1,0 +1,84 @@
+"""Composition of every config group and the checks that stop bad config before training."""
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from recsys import config as schema
+from recsys.demo_data import DemoSpec
+from recsys.errors import ConfigError
+from recsys.features import FeatureSpec
+from tests.conftest import CONF, compose_cfg
+
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
+TRAINERS = sorted(p.stem for p in (CONF / "trainer").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("data", DATA)
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_every_model_data_trainer_composes_and_instantiates(model, data, trainer):
+    cfg = compose_cfg(f"model={model}", f"data={data}", f"trainer={trainer}")
+    typed = schema.to_object(cfg)
+    spec = FeatureSpec.from_data_config(typed.data)
+    net = instantiate(cfg.model, _partial_=True, _convert_="all")(features=spec, device="meta")
+    assert isinstance(net, torch.nn.Module)
+    assert [t.feature_names for t in net.ebc.embedding_bag_configs()] == [
+        [name] for name in spec.categorical_names
+    ]
+
+
+def test_demo_data_config_matches_the_generator():
+    typed = schema.to_object(compose_cfg())
+    spec = DemoSpec()
+    assert typed.data.dense == spec.dense_names
+    assert typed.data.categorical == spec.categorical
+
+
+def test_defaults():
+    cfg = compose_cfg()
+    assert cfg.model._target_ == "recsys.models.DeepFM"
+    assert cfg.data.path == schema.demo_dir()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("trainer.dense_optimizer.lr=-0.1", "trainer.dense_optimizer.lr=-0.1 is out of range"),
+        ("trainer.sparse_optimizer.lr=0", "trainer.sparse_optimizer.lr=0.0 is out of range"),
+        ("model.embedding_dim=0", "model.embedding_dim=0 is out of range"),
+        ("model.dropout=1.5", "model.dropout=1.5 is out of range"),
+        ("model.hidden=[64,0]", r"model.hidden\[1\]=0 is out of range"),
+        ("data.batch_size=0", "data.batch_size=0 is out of range"),
+        ("data.categorical.c3=-5", "data.categorical.c3=-5 is out of range"),
+        ("trainer.grad_accumulation=0", "trainer.grad_accumulation=0 is out of range"),
+        ("trainer.lr_schedule.min_ratio=2", "trainer.lr_schedule.min_ratio=2.0 is out of range"),
+        ("data.dense=[d0,c1]", r"column\(s\) \['c1'\] are configured twice"),
+    ],
+)
+def test_out_of_range_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        schema.to_object(compose_cfg(override))
+
+
+@pytest.mark.parametrize(
+    "override,error",
+    [
+        ("trainer.max_epoch=3", ConfigKeyError),  # a typo
+        ("trainer.max_epochs=abc", ValidationError),  # a wrong type
+        ("data.task=ranking", ValidationError),  # not a task
+        ("trainer.sparse_optimizer.type=lamb", ValidationError),
+    ],
+)
+def test_unknown_keys_and_wrong_types_fail_at_compose_time(override, error):
+    with pytest.raises((ConfigCompositionException, error)) as info:
+        compose_cfg(override)
+    assert override.split("=")[0].split(".")[-1] in str(info.value) + str(info.value.__cause__)
+
+
+def test_unknown_model_lists_the_choices():
+    with pytest.raises(ConfigCompositionException, match="Could not find 'model/transformer'"):
+        compose_cfg("model=transformer")
