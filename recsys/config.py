@@ -69,7 +69,8 @@ class DataConfig:
     label: str = MISSING
     task: Task = Task.binary
     dense: list[str] = field(default_factory=list)
-    categorical: dict[str, int] = field(default_factory=dict)
+    # "column:rows" entries: a categorical column and the rows of its embedding table
+    categorical: list[str] = field(default_factory=list)
     dense_fill_value: float = 0.0
     oov: OovPolicy = OovPolicy.mod
     batch_size: int = 4096
@@ -83,14 +84,32 @@ class DataConfig:
         if not self.categorical:
             raise ConfigError(
                 "data.categorical is empty: name at least one categorical column and its "
-                "table size, e.g. data.categorical='{user_id: 100000}'"
+                "table size, e.g. data.categorical=[user_id:100000,item_id:5000]"
             )
-        for name, rows in self.categorical.items():
-            _positive(f"data.categorical.{name}", rows)
-        both = set(self.dense) & set(self.categorical)
-        if both or self.label in self.dense or self.label in self.categorical:
-            clash = sorted(both | ({self.label} & (set(self.dense) | set(self.categorical))))
-            raise ConfigError(f"column(s) {clash} are configured twice; give each one role")
+        tables = self.tables
+        columns = [self.label, *self.dense, *tables]
+        twice = sorted({c for c in columns if columns.count(c) > 1})
+        if twice:
+            raise ConfigError(f"column(s) {twice} are configured twice; give each column one role")
+
+    @property
+    def tables(self) -> dict[str, int]:
+        """Categorical column -> embedding table rows, parsed from the `column:rows` entries."""
+        tables: dict[str, int] = {}
+        for i, entry in enumerate(self.categorical):
+            name, _, rows = str(entry).rpartition(":")
+            try:
+                size = int(rows)
+            except ValueError:
+                size = None
+            if not name or size is None:
+                raise ConfigError(
+                    f"data.categorical[{i}]={entry!r} is not 'column:rows': write the column "
+                    f"and its table size, e.g. {entry}:100000"
+                )
+            _positive(f"data.categorical[{i}] ({name})", size)
+            tables[name] = size
+        return tables
 
 
 @dataclass

@@ -49,7 +49,7 @@ def find_files(root: str, split: str) -> list[str]:
 def _role(spec: FeatureSpec, column: str) -> str:
     if column == spec.label:
         return "data.label"
-    return "data.dense" if column in spec.dense else f"data.categorical.{column}"
+    return "data.dense" if column in spec.dense else "data.categorical"
 
 
 def check_schema(files: list[str], spec: FeatureSpec) -> None:
@@ -181,8 +181,9 @@ class BatchConverter:
             if self.oov is OovPolicy.error:
                 raise DataError(
                     f"categorical column '{name}' in {source} has id {values[outside][0]} "
-                    f"outside its table of {rows} rows ({n} such ids in this batch): raise "
-                    f"data.categorical.{name} above the largest id, or set data.oov=mod"
+                    f"outside its table of {rows} rows ({n} such ids in this batch): raise its "
+                    f"size in data.categorical ({name}:ROWS) above the largest id, or set "
+                    "data.oov=mod"
                 )
             self.quality.oov_ids[name] += n
             values = np.mod(values, rows)

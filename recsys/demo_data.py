@@ -24,7 +24,7 @@ SPLITS = ("train", "validation", "test")
 INFO_FILE = "demo_info.json"
 
 
-def _log_spaced(n: int, low: int, high: int) -> list[int]:
+def log_spaced(n: int, low: int, high: int) -> list[int]:
     return [int(round(x)) for x in np.geomspace(low, high, n)]
 
 
@@ -36,7 +36,7 @@ class DemoSpec:
         default_factory=lambda: {"train": 2_000_000, "validation": 100_000, "test": 100_000}
     )
     n_dense: int = 8
-    cardinalities: list[int] = field(default_factory=lambda: _log_spaced(16, 20, 100_000))
+    cardinalities: list[int] = field(default_factory=lambda: log_spaced(16, 20, 100_000))
     tag_vocab: int = 1_000
     max_tags: int = 8
     latent_dim: int = 4
@@ -171,7 +171,7 @@ def generate(out: str | Path, spec: DemoSpec) -> dict:
         rng = np.random.default_rng(spec.seed)
         model = PlantedModel(spec, rng)
         info: dict = {"spec": asdict(spec), "label": "click", "regression_label": "dwell"}
-        for split in SPLITS:
+        for split in (s for s in SPLITS if spec.rows.get(s)):
             (tmp / split).mkdir()
             clicks, probs = [], []
             for part, start in enumerate(range(0, spec.rows[split], spec.rows_per_file)):
@@ -226,7 +226,7 @@ def main() -> None:
     args = ap.parse_args()
     spec = DemoSpec(
         n_dense=args.dense,
-        cardinalities=_log_spaced(args.categorical, 10, 100_000),
+        cardinalities=log_spaced(args.categorical, 10, 100_000),
         tag_vocab=0 if args.no_tags else DemoSpec.tag_vocab,
         seed=args.seed,
     )

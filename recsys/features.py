@@ -18,7 +18,7 @@ class FeatureSpec:
 
     @classmethod
     def from_data_config(cls, data: DataConfig) -> FeatureSpec:
-        return cls(data.label, data.task, tuple(data.dense), tuple(data.categorical.items()))
+        return cls(data.label, data.task, tuple(data.dense), tuple(data.tables.items()))
 
     @property
     def categorical_names(self) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import resource
 import sys
 import time
 from pathlib import Path
@@ -128,6 +129,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             "samples_per_s": fit.samples_per_s,
             "train_seconds": fit.train_seconds,
             "final_loss": fit.final_loss,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "stopped_early": fit.stopped_early,
             "evaluations": fit.evaluations,
         },
@@ -151,6 +153,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             f"{fit.steps} / {fit.epochs}" + (" (early stop)" if fit.stopped_early else ""),
         ),
         ("train samples/s", f"{fit.samples_per_s:,.0f}"),
+        ("peak RSS", f"{metrics['train']['peak_rss_mb']:,.0f} MB"),
         ("wall time", f"{wall:.1f} s"),
     ]
     for kind, counts in quality.to_dict().items():

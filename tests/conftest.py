@@ -48,5 +48,11 @@ def cli(
     )
 
 
+def categorical_override(**sizes: int) -> str:
+    """`data.categorical=[...]` with the demo's columns, some table sizes changed."""
+    tables = DemoSpec().categorical | sizes
+    return "data.categorical=[" + ",".join(f"{k}:{v}" for k, v in tables.items()) + "]"
+
+
 def metrics_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())

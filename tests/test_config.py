@@ -35,7 +35,7 @@ def test_demo_data_config_matches_the_generator():
     typed = schema.to_object(compose_cfg())
     spec = DemoSpec()
     assert typed.data.dense == spec.dense_names
-    assert typed.data.categorical == spec.categorical
+    assert typed.data.tables == spec.categorical
 
 
 def test_defaults():
@@ -53,10 +53,13 @@ def test_defaults():
         ("model.dropout=1.5", "model.dropout=1.5 is out of range"),
         ("model.hidden=[64,0]", r"model.hidden\[1\]=0 is out of range"),
         ("data.batch_size=0", "data.batch_size=0 is out of range"),
-        ("data.categorical.c3=-5", "data.categorical.c3=-5 is out of range"),
+        ("data.categorical=[c3:-5]", r"data.categorical\[0\] \(c3\)=-5 is out of range"),
+        ("data.categorical=[c3]", r"data.categorical\[0\]='c3' is not 'column:rows'"),
+        ("data.categorical=[]", "data.categorical is empty"),
         ("trainer.grad_accumulation=0", "trainer.grad_accumulation=0 is out of range"),
         ("trainer.lr_schedule.min_ratio=2", "trainer.lr_schedule.min_ratio=2.0 is out of range"),
         ("data.dense=[d0,c1]", r"column\(s\) \['c1'\] are configured twice"),
+        ("data.dense=[d0,d0]", r"column\(s\) \['d0'\] are configured twice"),
     ],
 )
 def test_out_of_range_values_name_the_key(override, message):

@@ -15,7 +15,7 @@ import torch
 from recsys.config import LrDecay, LrScheduleConfig
 from recsys.train import run
 from recsys.trainer import EarlyStopping, lr_factor
-from tests.conftest import ROOT, cli, compose_cfg, metrics_of
+from tests.conftest import ROOT, categorical_override, cli, compose_cfg, metrics_of
 
 pytestmark = pytest.mark.slow
 
@@ -156,7 +156,7 @@ from recsys.data import DataQuality, open_split
 from recsys.metrics import Accumulator
 model, spec = load_model({str(run_dir)!r})
 data = DataConfig(path={str(small_data)!r}, label=spec.label, dense=list(spec.dense),
-                  categorical=dict(spec.categorical), eval_batch_size=16384)
+                  categorical=[f"{{k}}:{{v}}" for k, v in spec.categorical], eval_batch_size=16384)
 acc = Accumulator(spec.task)
 for i, b in enumerate(open_split(data, "validation", DataQuality(), train=False, max_batches=2)):
     acc.add(model(b.dense_features, b.sparse_features), b.labels)
@@ -187,7 +187,7 @@ def test_cfg_job_prints_the_composed_config():
         ),
         (["data.dense=[d0,nope]"], "error: column 'nope' (data.dense) is not in"),
         (["data.label=dwell"], "error: label column 'dwell' in"),
-        (["data.oov=error", "data.categorical.c15=10"], "error: categorical column 'c15' in"),
+        (["data.oov=error", categorical_override(c15=10)], "error: categorical column 'c15' in"),
         (
             ["trainer.sparse_optimizer.type=adam"],
             "error: trainer.sparse_optimizer.type=adam is not supported by FBGEMM's CPU kernels",
@@ -217,5 +217,5 @@ def test_no_parquet_files_names_the_path(tmp_path):
 
 
 def test_out_of_range_ids_are_folded_by_default_and_counted(small_data, tmp_path):
-    _, m = train(small_data, tmp_path / "oov", "trainer=debug", "data.categorical.c15=1000")
+    _, m = train(small_data, tmp_path / "oov", "trainer=debug", categorical_override(c15=1000))
     assert m["data_quality"]["out_of_range_ids"]["c15"] > 0

@@ -1,0 +1,229 @@
+"""Benchmark: DeepFM trained by recsys from Parquet on disk vs a plain PyTorch baseline in memory.
+
+Both train one epoch of the same generated set (>= 1M rows, 26 categorical, 13 dense, batch 4096,
+embedding dim 16, the same DeepFM architecture). recsys reads and converts the Parquet files while
+it trains; the baseline has every tensor loaded before its clock starts, one nn.EmbeddingBag per
+feature, sparse gradients and torch's Adagrad for the tables, Adam for the rest. Each variant runs
+in its own process (so peak RSS is its own), alternating, `--repeats` times; medians are reported
+with the CPU seconds other processes took on this machine meanwhile (a sign of contention).
+
+    python benchmarks/train_throughput.py [--rows 1000000] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+N_DENSE, N_CAT, BATCH, DIM, HIDDEN = 13, 26, 4096, 16, [256, 128]
+
+
+def data_dir(rows: int) -> Path:
+    cache = os.environ.get("RECSYS_CACHE") or Path.home() / ".cache" / "recsys"
+    return Path(cache) / "bench" / f"ctr-{rows}"
+
+
+def bench_spec(rows: int):
+    """The generated set: Criteo's shape (26 categorical, 13 dense), no multi-hot column."""
+    from recsys.demo_data import DemoSpec, log_spaced
+
+    return DemoSpec(
+        rows={"train": rows, "validation": 0, "test": 0},
+        n_dense=N_DENSE,
+        cardinalities=log_spaced(N_CAT, 10, 100_000),
+        tag_vocab=0,
+    )
+
+
+def ensure_data(rows: int) -> Path:
+    from recsys.demo_data import generate
+
+    out = data_dir(rows)
+    if not (out / "demo_info.json").exists():
+        print(f"generating {rows:,} rows into {out} ...", flush=True)
+        generate(out, bench_spec(rows))
+    return out
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_recsys(path: Path) -> dict:
+    """Train with recsys's own entry path (config -> reader -> DMP -> trainer)."""
+    from hydra import compose, initialize_config_dir
+
+    from recsys import config as schema
+    from recsys.train import run
+
+    schema.register()
+    cats = bench_spec(0).categorical
+    overrides = [
+        f"data.path={path}",
+        "data.validation=null",
+        "data.test=null",
+        f"data.dense=[{','.join(f'd{i}' for i in range(N_DENSE))}]",
+        "data.categorical=[" + ",".join(f"{k}:{v}" for k, v in cats.items()) + "]",
+        f"data.batch_size={BATCH}",
+        "model=deepfm",
+        f"model.embedding_dim={DIM}",
+        f"model.hidden=[{','.join(map(str, HIDDEN))}]",
+        "trainer.max_epochs=1",
+        "trainer.eval_every_steps=null",
+        "trainer.progress_bar=false",
+        "trainer.log_every_steps=1000000",
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    run_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"recsys-bench-{os.getpid()}"
+    run(cfg, run_dir)
+    m = json.loads((run_dir / "metrics.json").read_text())["train"]
+    return {"samples_per_s": m["samples_per_s"], "seconds": m["train_seconds"]}
+
+
+def run_baseline(path: Path) -> dict:
+    """Plain PyTorch DeepFM, every tensor in memory before the clock starts."""
+    import numpy as np
+    import pyarrow.dataset as ds
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    table = ds.dataset(path / "train", format="parquet").to_table()
+    dense = torch.from_numpy(
+        np.nan_to_num(
+            np.stack(
+                [table[f"d{i}"].to_numpy(zero_copy_only=False) for i in range(N_DENSE)], 1
+            ).astype(np.float32)
+        )
+    )
+    ids = torch.from_numpy(np.stack([table[f"c{i}"].to_numpy() for i in range(N_CAT)], 1))
+    labels = torch.from_numpy(table["click"].to_numpy().astype(np.float32))
+    del table
+    cards = list(bench_spec(0).categorical.values())
+
+    class DeepFM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.ModuleList(
+                nn.EmbeddingBag(n, DIM, mode="sum", sparse=True) for n in cards
+            )
+            self.bias = nn.ModuleList(nn.EmbeddingBag(n, 1, mode="sum", sparse=True) for n in cards)
+            for e in [*self.emb, *self.bias]:
+                nn.init.normal_(e.weight, std=0.01)
+            self.linear = nn.Linear(N_DENSE, 1)
+            self.dense_vectors = nn.Parameter(torch.randn(N_DENSE, DIM) * 0.01)
+            layers, width = [], (N_CAT + N_DENSE) * DIM
+            for h in HIDDEN:
+                layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(0.1)]
+                width = h
+            self.dnn = nn.Sequential(*layers, nn.Linear(width, 1))
+
+        def forward(self, x, idx):
+            offsets = torch.arange(idx.shape[0])
+            vecs = [e(idx[:, f], offsets) for f, e in enumerate(self.emb)]
+            first = sum(b(idx[:, f], offsets) for f, b in enumerate(self.bias)).squeeze(-1)
+            fields = torch.cat([torch.stack(vecs, 1), x.unsqueeze(-1) * self.dense_vectors], 1)
+            pair = 0.5 * (fields.sum(1).pow(2) - fields.pow(2).sum(1)).sum(1)
+            deep = self.dnn(fields.flatten(1)).squeeze(-1)
+            return first + self.linear(x).squeeze(-1) + pair + deep
+
+    model = DeepFM()
+    sparse = [p for n, p in model.named_parameters() if n.startswith(("emb", "bias"))]
+    dense_p = [p for n, p in model.named_parameters() if not n.startswith(("emb", "bias"))]
+    opt_sparse = torch.optim.Adagrad(sparse, lr=0.05)
+    opt_dense = torch.optim.Adam(dense_p, lr=1e-3)
+    loss_fn = nn.BCEWithLogitsLoss()
+    start = time.perf_counter()
+    for s in range(0, len(labels), BATCH):
+        logits = model(dense[s : s + BATCH], ids[s : s + BATCH])
+        loss = loss_fn(logits, labels[s : s + BATCH])
+        opt_sparse.zero_grad()
+        opt_dense.zero_grad()
+        loss.backward()
+        opt_sparse.step()
+        opt_dense.step()
+    seconds = time.perf_counter() - start
+    return {"samples_per_s": len(labels) / seconds, "seconds": seconds}
+
+
+def child(variant: str, path: Path) -> None:
+    result = run_recsys(path) if variant == "recsys" else run_baseline(path)
+    result["peak_rss_mb"] = peak_rss_mb()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds all processes on the machine have used since boot (from /proc/stat)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(variant: str, path: Path) -> dict:
+    before_all, before_kids = busy_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", variant, "--data", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    if proc.returncode:
+        sys.exit(f"{variant} failed:\n{proc.stdout}\n{proc.stderr}")
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = (kids.ru_utime - before_kids.ru_utime) + (kids.ru_stime - before_kids.ru_stime)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    result = json.loads(line[len("RESULT ") :])
+    result["other_cpu_s"] = max(0.0, busy_cpu_seconds() - before_all - own)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--child", choices=["recsys", "baseline"], help=argparse.SUPPRESS)
+    ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.data)
+        return
+    path = ensure_data(args.rows)
+    runs: dict[str, list[dict]] = {"recsys": [], "baseline": []}
+    for i in range(args.repeats):
+        for variant in runs:
+            r = measure(variant, path)
+            runs[variant].append(r)
+            print(
+                f"run {i + 1}/{args.repeats} {variant:<8} {r['samples_per_s']:>10,.0f} samples/s"
+                f"  peak RSS {r['peak_rss_mb']:,.0f} MB"
+                f"  other processes {r['other_cpu_s']:.1f} CPU s",
+                flush=True,
+            )
+    med = {v: statistics.median(r["samples_per_s"] for r in rs) for v, rs in runs.items()}
+    rss = {v: max(r["peak_rss_mb"] for r in rs) for v, rs in runs.items()}
+    print()
+    print(
+        f"DeepFM, {args.rows:,} rows, {N_CAT} categorical + {N_DENSE} dense, batch {BATCH}, "
+        f"dim {DIM}, hidden {HIDDEN}, torch threads {os.cpu_count()} cores"
+    )
+    names = {
+        "recsys": "recsys (Parquet on disk, DMP, fused)",
+        "baseline": "plain PyTorch (in memory, EmbeddingBag)",
+    }
+    print(f"{'variant':<40} {'samples/s (median)':>20} {'peak RSS MB':>12}")
+    for v, name in names.items():
+        print(f"{name:<40} {med[v]:>20,.0f} {rss[v]:>12,.0f}")
+    print(f"ratio recsys / baseline: {med['recsys'] / med['baseline']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
