@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -52,32 +53,75 @@ def _role(spec: FeatureSpec, column: str) -> str:
     return "data.dense" if column in spec.dense else "data.categorical"
 
 
-def check_schema(files: list[str], spec: FeatureSpec) -> None:
-    """Check every file has every configured column with a usable Arrow type."""
+def check_files(files: list[str], spec: FeatureSpec, oov: OovPolicy) -> None:
+    """Check every file's footer before training: columns, their types, label and id ranges."""
     for f in files:
-        schema = ds.dataset(f, format="parquet").schema
-        for column in spec.columns:
-            idx = schema.get_field_index(column)
-            role = _role(spec, column)
-            if idx < 0:
+        pf = pq.ParquetFile(f)
+        check_schema(f, pf.schema_arrow, spec)
+        check_ranges(f, pf.metadata, spec, oov)
+
+
+def check_schema(f: str, schema: pa.Schema, spec: FeatureSpec) -> None:
+    """Every configured column is in the file with a usable Arrow type."""
+    for column in spec.columns:
+        idx = schema.get_field_index(column)
+        role = _role(spec, column)
+        if idx < 0:
+            raise DataError(
+                f"column '{column}' ({role}) is not in {f}; its columns are: "
+                f"{', '.join(schema.names)}. Fix the column name in {role}"
+            )
+        t = schema.field(idx).type
+        numeric = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+        if column in spec.categorical_names:
+            is_list = pa.types.is_list(t) or pa.types.is_large_list(t)
+            inner = t.value_type if is_list else t
+            if not pa.types.is_integer(inner):
                 raise DataError(
-                    f"column '{column}' ({role}) is not in {f}; its columns are: "
-                    f"{', '.join(schema.names)}. Fix the column name in {role}"
+                    f"column '{column}' ({role}) in {f} has type {t}; categorical columns "
+                    "must hold integer ids or lists of them: map the values to integer ids"
                 )
-            t = schema.field(idx).type
-            numeric = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
-            if column in spec.categorical_names:
-                is_list = pa.types.is_list(t) or pa.types.is_large_list(t)
-                inner = t.value_type if is_list else t
-                if not pa.types.is_integer(inner):
-                    raise DataError(
-                        f"column '{column}' ({role}) in {f} has type {t}; categorical columns "
-                        "must hold integer ids or lists of them: map the values to integer ids"
-                    )
-            elif not numeric:
+        elif not numeric:
+            raise DataError(
+                f"column '{column}' ({role}) in {f} has type {t}; it must be a numeric "
+                "scalar: fix the column or move it to data.categorical"
+            )
+
+
+def _stats_range(meta: pq.FileMetaData, column: str) -> tuple[float, float] | None:
+    """Min and max of a top-level scalar column from the footer, if every row group has them."""
+    names = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    if column not in names:  # a nested (list) column's leaf has a longer path
+        return None
+    j = names.index(column)
+    lo, hi = float("inf"), float("-inf")
+    for g in range(meta.num_row_groups):
+        st = meta.row_group(g).column(j).statistics
+        if st is None or not st.has_min_max:
+            return None
+        lo, hi = min(lo, st.min), max(hi, st.max)
+    return lo, hi
+
+
+def check_ranges(f: str, meta: pq.FileMetaData, spec: FeatureSpec, oov: OovPolicy) -> None:
+    """Labels that are not 0/1 and, under oov=error, ids past a table, from footer statistics."""
+    if spec.task is Task.binary:
+        r = _stats_range(meta, spec.label)
+        if r and (r[0] < 0 or r[1] > 1):
+            bad = r[0] if r[0] < 0 else r[1]
+            raise DataError(
+                f"label column '{spec.label}' in {f} has value {bad}; binary labels must be "
+                "0 or 1: fix the data, or set data.task=regression"
+            )
+    if oov is OovPolicy.error:
+        for name, rows in spec.categorical:
+            r = _stats_range(meta, name)
+            if r and (r[0] < 0 or r[1] >= rows):
+                bad = r[0] if r[0] < 0 else r[1]
                 raise DataError(
-                    f"column '{column}' ({role}) in {f} has type {t}; it must be a numeric "
-                    "scalar: fix the column or move it to data.categorical"
+                    f"categorical column '{name}' in {f} has id {bad} outside its table of "
+                    f"{rows} rows: raise its size in data.categorical ({name}:ROWS) above "
+                    "the largest id, or set data.oov=mod"
                 )
 
 
@@ -251,7 +295,7 @@ def open_split(
     """The reader for one split of the configured data, its schema checked."""
     spec = FeatureSpec.from_data_config(data)
     files = find_files(data.path, split)
-    check_schema(files, spec)
+    check_files(files, spec, data.oov)
     return ParquetSplit(
         files,
         BatchConverter(spec, data.dense_fill_value, data.oov, quality),

@@ -85,8 +85,6 @@ def shard(
     kwargs: dict = {"lr": sparse.lr}
     if sparse.type is not SparseOptimizer.sgd:
         kwargs["eps"] = sparse.eps
-    if sparse.weight_decay:
-        kwargs["weight_decay"] = sparse.weight_decay
     apply_optimizer_in_backward(SPARSE_OPTIMIZERS[sparse.type], model.ebc.parameters(), kwargs)
     topology = Topology(world_size=dist.get_world_size(), compute_device=device.type)
     constraints = {

@@ -10,7 +10,7 @@ from recsys.data import (
     BatchConverter,
     DataQuality,
     ParquetSplit,
-    check_schema,
+    check_files,
     find_files,
     open_split,
     prefetched,
@@ -82,6 +82,17 @@ def test_non_binary_label_is_refused():
         convert(table(y=pa.array([0, 1, 3, 1, 0])))
 
 
+def test_bad_labels_and_ids_are_caught_from_footers_before_any_batch(tmp_path):
+    write(tmp_path / "train", table(y=pa.array([0, 1, 3, 1, 0])))
+    data = DataConfig(path=str(tmp_path), label="y", dense=["x"], categorical=["a:10", "tags:100"])
+    with pytest.raises(DataError, match=r"label column 'y' in .*part-0.parquet has value 3"):
+        open_split(data, "train", DataQuality(), train=True)
+    write(tmp_path / "ids", table())
+    data.oov = OovPolicy.error
+    with pytest.raises(DataError, match=r"'a' in .*part-0.parquet has id 12 outside its table"):
+        open_split(data, "ids", DataQuality(), train=True)
+
+
 def test_no_parquet_files(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(DataError, match=r"no Parquet files at .*train.*data.path"):
@@ -94,16 +105,16 @@ def test_missing_column_names_column_file_and_key(tmp_path):
     with pytest.raises(
         DataError, match=r"column 'a' \(data.categorical\) is not in .*part-0.parquet"
     ):
-        check_schema(files, SPEC)
+        check_files(files, SPEC, OovPolicy.mod)
 
 
 def test_string_ids_and_list_dense_are_refused(tmp_path):
     write(tmp_path / "s", table(a=pa.array(["u1", "u2", "u3", "u4", "u5"])))
     with pytest.raises(DataError, match=r"'a' \(data.categorical\) .* type string"):
-        check_schema(find_files(str(tmp_path), "s"), SPEC)
+        check_files(find_files(str(tmp_path), "s"), SPEC, OovPolicy.mod)
     write(tmp_path / "l", table(x=pa.array([[1.0]] * 5)))
     with pytest.raises(DataError, match=r"'x' \(data.dense\) .* numeric scalar"):
-        check_schema(find_files(str(tmp_path), "l"), SPEC)
+        check_files(find_files(str(tmp_path), "l"), SPEC, OovPolicy.mod)
 
 
 def test_batches_are_exact_across_files_and_keep_row_order(tmp_path):
