@@ -1,0 +1,1 @@
+"""recsys's Optuna sweeper for Hydra: persisted, resumable, pruning, multi-objective studies."""

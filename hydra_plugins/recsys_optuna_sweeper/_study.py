@@ -1,0 +1,197 @@
+"""The sweep loop: open or resume the study, ask a batch of trials, launch it, tell outcomes."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.config_loader import ConfigLoader
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.plugins.launcher import Launcher
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
+
+from ._results import shown, write_results
+from ._search_space import SearchSpace
+from ._storage import open_storage, storage_spec
+from .errors import SweepError
+from .trial import job_overrides
+
+log = logging.getLogger(__name__)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@dataclass
+class Outcome:
+    """How one trial ended, as the study records it."""
+
+    state: TrialState
+    values: list[float] | None = None
+    reason: str = ""
+
+
+def outcome(ret: JobReturn | None, n_objectives: int) -> Outcome:
+    """A job's return read as a trial outcome: values, pruned, or failed with the reason."""
+    if ret is None:
+        return Outcome(TrialState.FAIL, reason="the job ended without a result (launcher log)")
+    if ret.status is not JobStatus.COMPLETED:
+        error = ret._return_value  # the exception the task raised, carried back by Hydra
+        if isinstance(error, optuna.TrialPruned):
+            return Outcome(TrialState.PRUNED)
+        return Outcome(TrialState.FAIL, reason=f"{type(error).__name__}: {error}")
+    value = ret.return_value
+    try:
+        values = [float(v) for v in (value if isinstance(value, list | tuple) else [value])]
+    except (TypeError, ValueError):
+        return Outcome(TrialState.FAIL, reason=f"returned {value!r}, not a number or tuple")
+    if len(values) != n_objectives:
+        return Outcome(
+            TrialState.FAIL,
+            reason=f"returned {len(values)} values for {n_objectives} study directions: make "
+            "the task return one value per hydra.sweeper.direction",
+        )
+    if not all(math.isfinite(v) for v in values):
+        return Outcome(TrialState.FAIL, reason=f"returned {values}, not finite")
+    return Outcome(TrialState.COMPLETE, values)
+
+
+def _directions(direction: Any) -> list[str]:
+    directions = list(direction) if OmegaConf.is_list(direction) else [direction]
+    bad = [d for d in directions if d not in ("maximize", "minimize")]
+    if bad or not directions:
+        raise SweepError(
+            f"hydra.sweeper.direction={direction} is not maximize/minimize or a list of them: "
+            "e.g. direction=maximize, or direction=[maximize,minimize] for two objectives"
+        )
+    return directions
+
+
+def _build(key: str, cfg: Any, **kwargs: Any) -> Any:
+    """A sampler or pruner from its `_target_` config, or one clear error."""
+    try:
+        return instantiate(cfg, **kwargs)
+    except Exception as e:
+        cause = e.__cause__ or e
+        raise SweepError(
+            f"hydra.sweeper.{key} cannot be built ({type(cause).__name__}: {cause}): give "
+            f"_target_ an optuna.{key}s class and its arguments"
+        ) from None
+
+
+def _check_counts(settings: dict[str, Any]) -> None:
+    for key, least in (("n_trials", 1), ("n_jobs", 1), ("max_failures", 0)):
+        if settings[key] < least:
+            raise SweepError(f"hydra.sweeper.{key}={settings[key]} is out of range: use >= {least}")
+
+
+def _open_study(settings: dict[str, Any], spec: str, directions: list[str]) -> optuna.Study:
+    """Create the study, or load it to resume: re-queue trials an interrupted session left."""
+    name = settings["study_name"]
+    pruner_cfg = settings["pruner"]
+    pruner = _build("pruner", pruner_cfg) if pruner_cfg else optuna.pruners.NopPruner()
+    if len(directions) > 1 and pruner_cfg:
+        raise SweepError(
+            "Optuna cannot prune a multi-objective study: set hydra.sweeper.pruner=null"
+        )
+    study = optuna.create_study(
+        storage=open_storage(spec),
+        study_name=name,
+        directions=directions,
+        pruner=pruner,
+        load_if_exists=True,
+    )
+    if [d.name.lower() for d in study.directions] != directions:
+        raise SweepError(
+            f"study {name!r} in {spec} has directions {[d.name.lower() for d in study.directions]}"
+            f", not {directions}: use another hydra.sweeper.study_name or the study's directions"
+        )
+    sampler_cfg = settings["sampler"]
+    seed = sampler_cfg.get("seed") if sampler_cfg else None
+    # a resumed, seeded sampler must not replay the random draws of the sessions before it
+    extra = {"seed": seed + len(study.trials)} if seed is not None else {}
+    if sampler_cfg:
+        study.sampler = _build("sampler", sampler_cfg, **extra)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(trial.number, state=TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        log.info("trial %d was interrupted: re-queued with the same parameters", trial.number)
+    return study
+
+
+def _finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def run_study(
+    settings: dict[str, Any],
+    arguments: list[str],
+    config: DictConfig,
+    loader: ConfigLoader,
+    launcher: Launcher,
+) -> optuna.Study:
+    """Run trials until n_trials have finished (complete or pruned), resuming a stored study."""
+    _check_counts(settings)
+    directions = _directions(settings["direction"])
+    space = SearchSpace.parse(dict(settings["params"] or {}), arguments)
+    space.check(config, loader)
+    sweep_dir = Path(config.hydra.sweep.dir)
+    spec = storage_spec(settings["storage"], str(sweep_dir))
+    study = _open_study(settings, spec, directions)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(config, sweep_dir / "multirun.yaml")
+    n_trials, failures = settings["n_trials"], 0
+    log.info(
+        "study %r (%s): %d of %d trials finished; storage %s (view: optuna-dashboard %s)",
+        study.study_name,
+        ", ".join(directions),
+        _finished(study),
+        n_trials,
+        spec,
+        spec,
+    )
+    while (left := n_trials - _finished(study)) > 0:
+        # asked together, a batch's trials have consecutive numbers: job i's dir is its trial's
+        batch = [study.ask(space.distributions) for _ in range(min(settings["n_jobs"], left))]
+        jobs = [
+            space.overrides(t.params) + job_overrides(spec, study.study_name, t._trial_id)
+            for t in batch
+        ]
+        launched = time.time()
+        for trial in batch:
+            trial.set_user_attr("launched_at", launched)
+        try:
+            returns: list[JobReturn | None] = list(
+                launcher.launch(jobs, initial_job_idx=batch[0].number)
+            )
+        except Exception as e:  # a job died without returning: killed, out of memory, node lost
+            log.error("the batch of trials %s ended without results: %s", _numbers(batch), e)
+            returns = [None] * len(batch)
+        for trial, ret in zip(batch, returns, strict=True):
+            result = outcome(ret, len(directions))
+            if result.state is TrialState.FAIL:
+                failures += 1
+                trial.set_user_attr("failure", result.reason)
+                log.warning("trial %d failed: %s", trial.number, result.reason)
+            study.tell(trial, result.values, result.state)
+            values = ", ".join(map(shown, result.values or []))
+            log.info("trial %d %s %s", trial.number, result.state.name.lower(), values)
+        if failures > settings["max_failures"]:
+            log.info(write_results(study, space, sweep_dir, spec))
+            raise SweepError(
+                f"{failures} trials failed in this session, more than hydra.sweeper.max_failures="
+                f"{settings['max_failures']} (reasons above): fix the cause or raise max_failures;"
+                " re-running the same command resumes the study"
+            )
+    log.info(write_results(study, space, sweep_dir, spec))
+    log.info("study stored in %s; view it with: optuna-dashboard %s", spec, spec)
+    return study
+
+
+def _numbers(trials: list[optuna.Trial]) -> list[int]:
+    return [t.number for t in trials]
