@@ -58,14 +58,44 @@ def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> 
         raise ConfigError(f"{key}={value} is out of range: it must be {bound}")
 
 
+class FileFormat(Enum):
+    parquet = "parquet"
+    orc = "orc"
+
+
+@dataclass
+class SplitConfig:
+    """The files (paths or globs relative to data.path) and rows (a filter) of one split."""
+
+    paths: list[str] = field(default_factory=list)
+    filter: str | None = None
+
+
+@dataclass
+class S3Config:
+    """How to reach S3 or an S3-compatible store; null values fall back to the AWS chain."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = None
+    max_attempts: int = 5
+
+    def __post_init__(self) -> None:
+        _positive("data.s3.max_attempts", self.max_attempts)
+
+
 @dataclass
 class DataConfig:
     """Where the data is and how its columns map to features."""
 
     path: str = MISSING
-    train: str = "train"
-    validation: str | None = "validation"
-    test: str | None = "test"
+    format: FileFormat = FileFormat.parquet
+    hive_partitioning: bool = True
+    filter: str | None = None
+    train: SplitConfig = field(default_factory=lambda: SplitConfig(["train"]))
+    validation: SplitConfig | None = field(default_factory=lambda: SplitConfig(["validation"]))
+    test: SplitConfig | None = field(default_factory=lambda: SplitConfig(["test"]))
     label: str = MISSING
     task: Task = Task.binary
     dense: list[str] = field(default_factory=list)
@@ -73,14 +103,24 @@ class DataConfig:
     categorical: list[str] = field(default_factory=list)
     dense_fill_value: float = 0.0
     oov: OovPolicy = OovPolicy.mod
+    missing_id: int | None = None
     batch_size: int = 4096
     eval_batch_size: int = 16384
+    read_threads: int = 1
     prefetch: int = 4
+    shuffle_buffer: int = 0
+    drop_remainder: bool = False
+    s3: S3Config = field(default_factory=S3Config)
 
     def __post_init__(self) -> None:
         _positive("data.batch_size", self.batch_size)
         _positive("data.eval_batch_size", self.eval_batch_size)
+        _positive("data.read_threads", self.read_threads)
         _positive("data.prefetch", self.prefetch, allow_zero=True)
+        _positive("data.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
+        _positive("data.missing_id", self.missing_id, allow_zero=True)
+        if not self.train.paths:
+            raise ConfigError("data.train.paths is empty: name the train files, e.g. [train]")
         if not self.categorical:
             raise ConfigError(
                 "data.categorical is empty: name at least one categorical column and its "
@@ -91,6 +131,16 @@ class DataConfig:
         twice = sorted({c for c in columns if columns.count(c) > 1})
         if twice:
             raise ConfigError(f"column(s) {twice} are configured twice; give each column one role")
+        if self.missing_id is not None:
+            small = [n for n, rows in tables.items() if rows <= self.missing_id]
+            if small:
+                raise ConfigError(
+                    f"data.missing_id={self.missing_id} is past the table of {small[0]}: "
+                    "use an id every table has, e.g. 0"
+                )
+
+    def split(self, name: str) -> SplitConfig | None:
+        return {"train": self.train, "validation": self.validation, "test": self.test}[name]
 
     @property
     def tables(self) -> dict[str, int]:
@@ -110,6 +160,13 @@ class DataConfig:
             _positive(f"data.categorical[{i}] ({name})", size)
             tables[name] = size
         return tables
+
+
+@dataclass
+class S3ParquetDataConfig(DataConfig):
+    """Parquet under an s3:// URI; `path` follows `uri`."""
+
+    uri: str = MISSING
 
 
 @dataclass
@@ -289,10 +346,10 @@ class TrainConfig:
     objective: str | None = None
 
 
-def demo_dir() -> str:
-    """Where the embedded demo data set is generated (once) and cached."""
+def demo_dir(name: str = "ctr-v1") -> str:
+    """Where an embedded demo data set is generated (once) and cached."""
     root = os.environ.get("RECSYS_CACHE") or Path.home() / ".cache" / "recsys"
-    return str(Path(root) / "demo" / "ctr-v1")
+    return str(Path(root) / "demo" / name)
 
 
 def register() -> None:
@@ -304,7 +361,7 @@ def register() -> None:
         )
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    cs.store(group="schema/data", name="local", node=DataConfig)
+    cs.store(group="schema/data", name="s3_parquet", node=S3ParquetDataConfig)
     cs.store(group="schema/trainer", name="default", node=TrainerConfig)
     for name, node in [
         ("fm", FMConfig),

@@ -1,306 +1,203 @@
-"""The data path: Parquet files -> Arrow record batches -> TorchRec `Batch`es."""
+"""The reader: a split's pieces, shared among (rank, worker), streamed as `Batch`es.
+
+Every rank reads a disjoint share of the pieces (Parquet row groups, ORC files); inside a rank,
+`read_threads` workers each read a share of those and the consumer takes their batches in turn,
+so the order is fixed for a seed. Every rank yields the same number of batches, computed from
+piece row counts alone, since TorchRec collectives hang when one rank runs out first.
+"""
 
 from __future__ import annotations
 
-import glob
 import queue
 import threading
-from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
-import torch
 from torchrec.datasets.utils import Batch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys.config import DataConfig, OovPolicy, Task
+from recsys.batches import BatchConverter, DataQuality, check_ranges, check_schema
+from recsys.config import DataConfig, FileFormat
 from recsys.errors import DataError
 from recsys.features import FeatureSpec
+from recsys.sources import Piece, s3_error, split_pieces
 
 T = TypeVar("T")
+WINDOW_BATCHES = 8  # rows converted together: per-column work is paid once per window
 
 
-def find_files(root: str, split: str) -> list[str]:
-    """The Parquet files of one split: a sub-directory, file or glob, relative to root."""
-    target = split if Path(split).is_absolute() else str(Path(root).expanduser() / split)
-    matches = sorted(glob.glob(target, recursive=True)) if glob.has_magic(target) else [target]
-    files: list[str] = []
-    for m in matches:
-        p = Path(m)
-        if p.is_dir():
-            files += sorted(str(f) for f in p.rglob("*.parquet") if f.is_file())
-        elif p.is_file() and p.suffix == ".parquet":
-            files.append(str(p))
-    if not files:
-        raise DataError(
-            f"no Parquet files at {target} (data.path={root}, split '{split}'): point data.path "
-            "at a directory whose train/validation/test sub-directories hold *.parquet files, "
-            "or set data.train/data.validation/data.test to paths or globs of Parquet files"
-        )
-    return files
+def check_pieces(pieces: list[Piece], spec: FeatureSpec, data: DataConfig) -> None:
+    """Check each file's schema (and Parquet footer statistics) once, before any batch."""
+    seen: set[str] = set()
+    for piece in pieces:
+        path = piece.fragment.path
+        if path in seen:
+            continue
+        seen.add(path)
+        check_schema(path, piece.fragment.physical_schema, spec)
+        if data.format is FileFormat.parquet:
+            check_ranges(path, piece.fragment.metadata, spec, data.oov)
 
 
-def _role(spec: FeatureSpec, column: str) -> str:
-    if column == spec.label:
-        return "data.label"
-    return "data.dense" if column in spec.dense else "data.categorical"
-
-
-def check_files(files: list[str], spec: FeatureSpec, oov: OovPolicy) -> None:
-    """Check every file's footer before training: columns, their types, label and id ranges."""
-    for f in files:
-        pf = pq.ParquetFile(f)
-        check_schema(f, pf.schema_arrow, spec)
-        check_ranges(f, pf.metadata, spec, oov)
-
-
-def check_schema(f: str, schema: pa.Schema, spec: FeatureSpec) -> None:
-    """Every configured column is in the file with a usable Arrow type."""
-    for column in spec.columns:
-        idx = schema.get_field_index(column)
-        role = _role(spec, column)
-        if idx < 0:
-            raise DataError(
-                f"column '{column}' ({role}) is not in {f}; its columns are: "
-                f"{', '.join(schema.names)}. Fix the column name in {role}"
-            )
-        t = schema.field(idx).type
-        numeric = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
-        if column in spec.categorical_names:
-            is_list = pa.types.is_list(t) or pa.types.is_large_list(t)
-            inner = t.value_type if is_list else t
-            if not pa.types.is_integer(inner):
-                raise DataError(
-                    f"column '{column}' ({role}) in {f} has type {t}; categorical columns "
-                    "must hold integer ids or lists of them: map the values to integer ids"
-                )
-        elif not numeric:
-            raise DataError(
-                f"column '{column}' ({role}) in {f} has type {t}; it must be a numeric "
-                "scalar: fix the column or move it to data.categorical"
-            )
-
-
-def _stats_range(meta: pq.FileMetaData, column: str) -> tuple[float, float] | None:
-    """Min and max of a top-level scalar column from the footer, if every row group has them."""
-    names = [meta.schema.column(i).path for i in range(meta.num_columns)]
-    if column not in names:  # a nested (list) column's leaf has a longer path
-        return None
-    j = names.index(column)
-    lo, hi = float("inf"), float("-inf")
-    for g in range(meta.num_row_groups):
-        st = meta.row_group(g).column(j).statistics
-        if st is None or not st.has_min_max:
-            return None
-        lo, hi = min(lo, st.min), max(hi, st.max)
-    return lo, hi
-
-
-def check_ranges(f: str, meta: pq.FileMetaData, spec: FeatureSpec, oov: OovPolicy) -> None:
-    """Labels that are not 0/1 and, under oov=error, ids past a table, from footer statistics."""
-    if spec.task is Task.binary:
-        r = _stats_range(meta, spec.label)
-        if r and (r[0] < 0 or r[1] > 1):
-            bad = r[0] if r[0] < 0 else r[1]
-            raise DataError(
-                f"label column '{spec.label}' in {f} has value {bad}; binary labels must be "
-                "0 or 1: fix the data, or set data.task=regression"
-            )
-    if oov is OovPolicy.error:
-        for name, rows in spec.categorical:
-            r = _stats_range(meta, name)
-            if r and (r[0] < 0 or r[1] >= rows):
-                bad = r[0] if r[0] < 0 else r[1]
-                raise DataError(
-                    f"categorical column '{name}' in {f} has id {bad} outside its table of "
-                    f"{rows} rows: raise its size in data.categorical ({name}:ROWS) above "
-                    "the largest id, or set data.oov=mod"
-                )
-
-
-@dataclass
-class DataQuality:
-    """Counts of values the reader had to repair, reported at the end of a run."""
-
-    dense_nulls: Counter = field(default_factory=Counter)
-    categorical_nulls: Counter = field(default_factory=Counter)
-    oov_ids: Counter = field(default_factory=Counter)
-
-    def to_dict(self) -> dict:
-        return {
-            "dense_nulls_filled": dict(self.dense_nulls),
-            "categorical_nulls": dict(self.categorical_nulls),
-            "out_of_range_ids": dict(self.oov_ids),
-        }
-
-
-class BatchConverter:
-    """Turns an Arrow table of rows into a `Batch`, vectorised, with no per-row Python."""
-
-    def __init__(self, spec: FeatureSpec, fill_value: float, oov: OovPolicy, quality: DataQuality):
-        self.spec = spec
-        self.fill_value = fill_value
-        self.oov = oov
-        self.quality = quality
-
-    def __call__(self, table: pa.Table, source: str) -> Batch:
-        labels = self._labels(table, source)
-        dense = np.empty((table.num_rows, len(self.spec.dense)), dtype=np.float32)
-        for j, name in enumerate(self.spec.dense):
-            dense[:, j] = self._dense(table.column(name), name)
-        values, lengths = [], []
-        for name, rows in self.spec.categorical:
-            v, n = self._ids(table.column(name), name, rows, source)
-            values.append(v)
-            lengths.append(n)
-        sparse = KeyedJaggedTensor(
-            keys=self.spec.categorical_names,
-            values=torch.from_numpy(np.concatenate(values)),
-            lengths=torch.from_numpy(np.concatenate(lengths)),
-        )
-        return Batch(
-            dense_features=torch.from_numpy(dense),
-            sparse_features=sparse,
-            labels=torch.from_numpy(labels),
-        )
-
-    def _labels(self, table: pa.Table, source: str) -> np.ndarray:
-        y = pc.cast(table.column(self.spec.label), pa.float32()).to_numpy().copy()
-        bad = np.isnan(y)
-        if self.spec.task is Task.binary:
-            bad |= (y != 0) & (y != 1)
-        if bad.any():
-            value = y[bad][0]
-            fix = (
-                "binary labels must be 0 or 1: fix the data, or set data.task=regression"
-                if self.spec.task is Task.binary
-                else "labels must not be null: drop those rows or fill them"
-            )
-            raise DataError(
-                f"label column '{self.spec.label}' in {source} has value "
-                f"{'null' if np.isnan(value) else value} ({int(bad.sum())} such rows); {fix}"
-            )
-        return y
-
-    def _dense(self, column: pa.ChunkedArray, name: str) -> np.ndarray:
-        x = pc.cast(column, pa.float32()).to_numpy()
-        missing = np.isnan(x)
-        n = int(missing.sum())
-        if n:
-            self.quality.dense_nulls[name] += n
-            x = np.where(missing, np.float32(self.fill_value), x)
-        return x
-
-    def _ids(
-        self, column: pa.ChunkedArray, name: str, rows: int, source: str
-    ) -> tuple[np.ndarray, np.ndarray]:
-        col = column.combine_chunks()
-        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-            self.quality.categorical_nulls[name] += col.null_count
-            lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy().astype(np.int64)
-            flat = pc.list_flatten(col)
-            if flat.null_count:
-                raise DataError(
-                    f"list column '{name}' in {source} holds null ids inside its lists; "
-                    "drop them from the lists"
-                )
-            values = flat.to_numpy().astype(np.int64, copy=False)
-        elif col.null_count:
-            self.quality.categorical_nulls[name] += col.null_count
-            lengths = col.is_valid().to_numpy(zero_copy_only=False).astype(np.int64)
-            values = col.drop_null().to_numpy().astype(np.int64, copy=False)
-        else:
-            lengths = np.ones(len(col), dtype=np.int64)
-            values = col.to_numpy().astype(np.int64, copy=False)
-        outside = (values >= rows) | (values < 0)
-        n = int(outside.sum())
-        if n:
-            if self.oov is OovPolicy.error:
-                raise DataError(
-                    f"categorical column '{name}' in {source} has id {values[outside][0]} "
-                    f"outside its table of {rows} rows ({n} such ids in this batch): raise its "
-                    f"size in data.categorical ({name}:ROWS) above the largest id, or set "
-                    "data.oov=mod"
-                )
-            self.quality.oov_ids[name] += n
-            values = np.mod(values, rows)
-        return values, lengths
-
-
-class ParquetSplit:
-    """One split as an iterable of `Batch`es of exactly batch_size rows (the last may be short)."""
+class SplitReader:
+    """One split as an iterable of `Batch`es for one rank; `len()` is the same on every rank."""
 
     def __init__(
         self,
-        files: list[str],
+        pieces: list[Piece],
         converter: BatchConverter,
         batch_size: int,
+        *,
+        row_filter=None,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int = 1,
         prefetch: int = 4,
-        drop_last: bool = False,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        drop_remainder: bool = False,
         max_batches: int | None = None,
     ):
-        self.files = files
         self.converter = converter
         self.batch_size = batch_size
+        self.row_filter = row_filter
+        self.rank, self.world_size, self.workers = rank, world_size, workers
         self.prefetch = prefetch
-        self.drop_last = drop_last
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.drop_remainder = drop_remainder or world_size > 1
         self.max_batches = max_batches
-        self.dataset = ds.dataset(files, format="parquet")
-        self.num_rows = self.dataset.count_rows()
+        self.epoch = 0
+        self.shares = [self._share(pieces, r) for r in range(world_size)]
+        self.num_rows = sum(p.rows for share in self.shares[rank] for p in share)
+        counts = [
+            sum(self._batches_of(share) for share in rank_shares) for rank_shares in self.shares
+        ]
+        self._len = min(counts)
+        if max_batches is not None:
+            self._len = min(self._len, max_batches)
+
+    def _share(self, pieces: list[Piece], rank: int) -> list[list[Piece]]:
+        """The pieces of one rank, dealt round-robin, then dealt to its workers."""
+        mine = pieces[rank :: self.world_size]
+        return [mine[w :: self.workers] for w in range(self.workers)]
+
+    def _batches_of(self, pieces: list[Piece]) -> int:
+        full, rest = divmod(sum(p.rows for p in pieces), self.batch_size)
+        return full + (1 if rest and not self.drop_remainder else 0)
 
     def __len__(self) -> int:
-        full, rest = divmod(self.num_rows, self.batch_size)
-        n = full + (1 if rest and not self.drop_last else 0)
-        return n if self.max_batches is None else min(n, self.max_batches)
+        return self._len
 
     def __iter__(self) -> Iterator[Batch]:
-        batches = self._batches()
-        if self.max_batches is not None:
-            batches = (b for _, b in zip(range(self.max_batches), batches, strict=False))
-        return prefetched(batches, self.prefetch)
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        streams = [
+            prefetched(self._worker(share, epoch, w), self.prefetch)
+            for w, share in enumerate(self.shares[self.rank])
+        ]
+        return self._interleave(streams)
 
-    def _batches(self) -> Iterator[Batch]:
-        columns = self.converter.spec.columns
+    def _interleave(self, streams: list[Iterator[Batch]]) -> Iterator[Batch]:
+        """Take one batch from each live worker in turn, up to len(self) batches."""
+        live, n = list(streams), 0
+        try:
+            while live and n < self._len:
+                for s in list(live):
+                    if n >= self._len:
+                        break
+                    b = next(s, None)
+                    if b is None:
+                        live.remove(s)
+                        continue
+                    n += 1
+                    yield b
+        finally:
+            for s in streams:
+                s.close()
+
+    def _worker(self, pieces: list[Piece], epoch: int, worker: int) -> Iterator[Batch]:
+        """Batches of one worker's pieces, shuffled in windows when shuffle_buffer > 0."""
+        rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
+        if self.shuffle_buffer:
+            pieces = [pieces[i] for i in rng.permutation(len(pieces))]
+        window = max(self.shuffle_buffer, self.batch_size * WINDOW_BATCHES)
         pending: list[pa.RecordBatch] = []
         sources: list[str] = []
         n = 0
-        for fragment in self.dataset.get_fragments():
-            for rb in fragment.to_batches(columns=columns, batch_size=self.batch_size):
-                if rb.num_rows == 0:
-                    continue
+        for piece in pieces:
+            for rb in self._read(piece):
                 pending.append(rb)
-                if fragment.path not in sources:
-                    sources.append(fragment.path)
+                if piece.name not in sources:
+                    sources.append(piece.name)
                 n += rb.num_rows
-                while n >= self.batch_size:
+                if n >= window:
                     table = pa.Table.from_batches(pending)
-                    yield self.converter(table.slice(0, self.batch_size), " or ".join(sources))
-                    rest = table.slice(self.batch_size)
-                    pending, n = rest.to_batches(), rest.num_rows
-                    sources = sources[-1:]
-        if n and not self.drop_last:
-            yield self.converter(pa.Table.from_batches(pending), " or ".join(sources))
+                    if self.shuffle_buffer:
+                        table = table.take(rng.permutation(n))
+                    full = n - n % self.batch_size
+                    yield from self._emit(table.slice(0, full), sources)
+                    rest = table.slice(full)
+                    pending, n, sources = rest.to_batches(), rest.num_rows, sources[-1:]
+        if n:
+            table = pa.Table.from_batches(pending)
+            if self.shuffle_buffer:
+                table = table.take(rng.permutation(n))
+            if self.drop_remainder:
+                table = table.slice(0, n - n % self.batch_size)
+            yield from self._emit(table, sources)
+
+    def _read(self, piece: Piece) -> Iterator[pa.RecordBatch]:
+        columns = self.converter.spec.columns
+        try:
+            for rb in piece.fragment.to_batches(
+                schema=piece.schema,
+                columns=columns,
+                filter=self.row_filter,
+                batch_size=self.batch_size * WINDOW_BATCHES,
+            ):
+                if rb.num_rows:
+                    yield rb
+        except OSError as e:
+            raise s3_error(e, piece.name) from None
+
+    def _emit(self, table: pa.Table, sources: list[str]) -> Iterator[Batch]:
+        columns = self.converter.columns(table, " or ".join(sources))
+        for start in range(0, table.num_rows, self.batch_size):
+            yield columns.batch(start, min(start + self.batch_size, table.num_rows))
 
 
 def open_split(
-    data: DataConfig, split: str, quality: DataQuality, train: bool, max_batches: int | None = None
-) -> ParquetSplit:
-    """The reader for one split of the configured data, its schema checked."""
+    data: DataConfig,
+    split: str,
+    quality: DataQuality,
+    train: bool,
+    max_batches: int | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+) -> SplitReader:
+    """The reader of one split (train, validation or test) for one rank, its files checked."""
     spec = FeatureSpec.from_data_config(data)
-    files = find_files(data.path, split)
-    check_files(files, spec, data.oov)
-    return ParquetSplit(
-        files,
-        BatchConverter(spec, data.dense_fill_value, data.oov, quality),
+    pieces, row_filter, where = split_pieces(data, split)
+    if not pieces:
+        raise DataError(
+            f"the filters leave no rows in {where}: check data.filter / data.{split}.filter"
+        )
+    check_pieces(pieces, spec, data)
+    return SplitReader(
+        pieces,
+        BatchConverter(spec, data.dense_fill_value, data.oov, quality, data.missing_id),
         data.batch_size if train else data.eval_batch_size,
+        row_filter=row_filter,
+        rank=rank,
+        world_size=world_size,
+        workers=data.read_threads,
         prefetch=data.prefetch,
+        shuffle_buffer=data.shuffle_buffer if train else 0,
+        seed=seed,
+        drop_remainder=data.drop_remainder and train,
         max_batches=max_batches,
     )
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.orc as orc
 import pyarrow.parquet as pq
 
 from recsys.config import demo_dir
@@ -46,6 +48,9 @@ class DemoSpec:
     null_rate: float = 0.02
     rows_per_file: int = 100_000
     seed: int = 0
+    # "parquet": scalar columns, label `click`; "recis_orc": ORC laid out as RecIS users have it,
+    # numeric features list<double>, categorical list<int64>, label `label` (one double a row)
+    layout: str = "parquet"
 
     @property
     def dense_names(self) -> list[str]:
@@ -156,10 +161,27 @@ class PlantedModel:
             cols["tags"] = pa.ListArray.from_arrays(
                 offsets, pa.array(d["tag_ids"].astype(np.int64))
             )
-        return pa.table(cols), p
+        table = pa.table(cols)
+        return (to_recis_layout(table, s) if s.layout == "recis_orc" else table), p
 
     def first_order_probability(self, d: dict[str, np.ndarray]) -> np.ndarray:
         return 1 / (1 + np.exp(-d["first"]))
+
+
+def to_recis_layout(table: pa.Table, spec: DemoSpec) -> pa.Table:
+    """Every feature as a list column (a null dense value becomes an empty list)."""
+    cols: dict[str, pa.Array] = {"label": pc.cast(table["click"], pa.float64())}
+    for name in [*spec.dense_names, *spec.categorical]:
+        col = table[name].combine_chunks()
+        if pa.types.is_list(col.type):
+            cols[name] = col
+            continue
+        valid = col.is_valid().to_numpy(zero_copy_only=False)
+        offsets = np.concatenate([[0], np.cumsum(valid)]).astype(np.int32)
+        values = col.drop_null()
+        values = pc.cast(values, pa.float64()) if name in spec.dense_names else values
+        cols[name] = pa.ListArray.from_arrays(pa.array(offsets), values)
+    return pa.table(cols)
 
 
 def generate(out: str | Path, spec: DemoSpec) -> dict:
@@ -170,17 +192,22 @@ def generate(out: str | Path, spec: DemoSpec) -> dict:
     try:
         rng = np.random.default_rng(spec.seed)
         model = PlantedModel(spec, rng)
-        info: dict = {"spec": asdict(spec), "label": "click", "regression_label": "dwell"}
+        label = "label" if spec.layout == "recis_orc" else "click"
+        regression = None if spec.layout == "recis_orc" else "dwell"
+        info: dict = {"spec": asdict(spec), "label": label, "regression_label": regression}
         for split in (s for s in SPLITS if spec.rows.get(s)):
             (tmp / split).mkdir()
             clicks, probs = [], []
             for part, start in enumerate(range(0, spec.rows[split], spec.rows_per_file)):
                 n = min(spec.rows_per_file, spec.rows[split] - start)
                 table, p = model.table(rng, n)
-                pq.write_table(
-                    table, tmp / split / f"part-{part:05d}.parquet", row_group_size=65536
-                )
-                clicks.append(table.column("click").to_numpy())
+                if spec.layout == "recis_orc":
+                    orc.write_table(table, tmp / split / f"part-{part:05d}.orc")
+                else:
+                    pq.write_table(
+                        table, tmp / split / f"part-{part:05d}.parquet", row_group_size=65536
+                    )
+                clicks.append(table.column(label).to_numpy())
                 probs.append(p)
             y, p = np.concatenate(clicks), np.concatenate(probs)
             info[split] = {
@@ -205,13 +232,24 @@ def generate(out: str | Path, spec: DemoSpec) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ensure_demo(path: str | Path | None = None) -> dict:
-    """Generate the embedded demo set into the cache once; later calls just read its info."""
-    path = Path(path or demo_dir())
-    if (path / INFO_FILE).exists():
-        return json.loads((path / INFO_FILE).read_text())
-    print(f"generating the demo data set into {path} (once) ...", flush=True)
-    return generate(path, DemoSpec())
+DEMOS = {
+    "ctr-v1": DemoSpec(),
+    "ctr-orc-v1": DemoSpec(
+        rows={"train": 1_000_000, "validation": 100_000, "test": 100_000}, layout="recis_orc"
+    ),
+}
+
+
+def ensure_demo(path: str | Path) -> dict | None:
+    """If path is an embedded demo set's cache dir, generate it there once; return its info."""
+    path = Path(path).expanduser()
+    name = next((n for n in DEMOS if path == Path(demo_dir(n))), None)
+    if name is None:
+        return None
+    if not (path / INFO_FILE).exists():
+        print(f"generating the demo data set into {path} (once) ...", flush=True)
+        generate(path, DEMOS[name])
+    return json.loads((path / INFO_FILE).read_text())
 
 
 def main() -> None:

@@ -41,9 +41,34 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+SECRET_KEYS = ("access_key", "secret_key")
+
+
+def secrets(cfg: DictConfig) -> list[str]:
+    """Credential values in the config, which must never reach a file or a log."""
+    s3 = cfg.data.get("s3") or {}
+    return [str(s3[k]) for k in SECRET_KEYS if s3.get(k)]
+
+
 def save_config(run_dir: Path, cfg: DictConfig) -> None:
-    """The fully resolved config, as this run saw it."""
-    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    """The fully resolved config, as this run saw it, credentials masked."""
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    for k in SECRET_KEYS:
+        if container["data"].get("s3", {}).get(k):
+            container["data"]["s3"][k] = "***"
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(container)))
+
+
+def mask_in_files(folder: Path, values: list[str]) -> None:
+    """Replace secret values in every file under folder (Hydra's own record of the run)."""
+    for path in folder.rglob("*") if values and folder.exists() else []:
+        if path.is_file():
+            text = path.read_text()
+            masked = text
+            for v in values:
+                masked = masked.replace(v, "***")
+            if masked != text:
+                write_text(path, masked)
 
 
 def save_model(

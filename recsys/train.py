@@ -34,8 +34,10 @@ from recsys.features import FeatureSpec
 from recsys.metrics import DEFAULT_METRIC, HIGHER_IS_BETTER, TASK_METRICS
 from recsys.outputs import (
     flat_hparams,
+    mask_in_files,
     save_config,
     save_model,
+    secrets,
     summary_table,
     write_json,
 )
@@ -78,18 +80,17 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     quiet_torchrec()
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
-    if Path(data.path).expanduser() == Path(schema.demo_dir()):
-        ensure_demo(data.path)
+    ensure_demo(data.path)
     seed_everything(typed.seed)
     device = resolve_device(tcfg.device)
 
     quality = DataQuality()
-    train = open_split(data, data.train, quality, train=True)
+    train = open_split(data, "train", quality, train=True, seed=typed.seed)
     val = test = None
     if data.validation:
-        val = open_split(data, data.validation, quality, False, tcfg.max_eval_batches)
+        val = open_split(data, "validation", quality, False, tcfg.max_eval_batches)
     if data.test:
-        test = open_split(data, data.test, quality, False, tcfg.max_eval_batches)
+        test = open_split(data, "test", quality, False, tcfg.max_eval_batches)
     spec = FeatureSpec.from_data_config(data)
 
     init_process_group(device)
@@ -169,6 +170,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 def main(cfg: DictConfig) -> float:
     """Entry point; user errors end the run with one line naming the fix."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    mask_in_files(run_dir / HydraConfig.get().output_subdir, secrets(cfg))
     try:
         return run(cfg, run_dir)
     except RecsysError as e:

@@ -5,18 +5,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recsys.config import DataConfig, OovPolicy, Task
-from recsys.data import (
-    BatchConverter,
-    DataQuality,
-    ParquetSplit,
-    check_files,
-    find_files,
-    open_split,
-    prefetched,
-)
-from recsys.errors import DataError
+from recsys.batches import BatchConverter, DataQuality, hash_strings
+from recsys.config import DataConfig, FileFormat, OovPolicy, SplitConfig, Task
+from recsys.data import open_split, prefetched
+from recsys.errors import ConfigError, DataError
 from recsys.features import FeatureSpec
+from recsys.sources import list_files, parse_filter
 
 SPEC = FeatureSpec("y", Task.binary, ("x",), (("a", 10), ("tags", 100)))
 
@@ -82,78 +76,186 @@ def test_non_binary_label_is_refused():
         convert(table(y=pa.array([0, 1, 3, 1, 0])))
 
 
+def config(root, **over) -> DataConfig:
+    base = dict(path=str(root), label="y", dense=["x"], categorical=["a:10", "tags:100"],
+                validation=None, test=None, batch_size=4)  # fmt: skip
+    return DataConfig(**(base | over))
+
+
+def rows_of(reader) -> list:
+    return [float(v) for b in reader for v in b.dense_features[:, 0]]
+
+
 def test_bad_labels_and_ids_are_caught_from_footers_before_any_batch(tmp_path):
     write(tmp_path / "train", table(y=pa.array([0, 1, 3, 1, 0])))
-    data = DataConfig(path=str(tmp_path), label="y", dense=["x"], categorical=["a:10", "tags:100"])
     with pytest.raises(DataError, match=r"label column 'y' in .*part-0.parquet has value 3"):
-        open_split(data, "train", DataQuality(), train=True)
+        open_split(config(tmp_path), "train", DataQuality(), train=True)
     write(tmp_path / "ids", table())
-    data.oov = OovPolicy.error
+    data = config(tmp_path, train=SplitConfig(["ids"]), oov=OovPolicy.error)
     with pytest.raises(DataError, match=r"'a' in .*part-0.parquet has id 12 outside its table"):
-        open_split(data, "ids", DataQuality(), train=True)
+        open_split(data, "train", DataQuality(), train=True)
 
 
-def test_no_parquet_files(tmp_path):
+def test_no_data_files(tmp_path):
     (tmp_path / "train").mkdir()
-    with pytest.raises(DataError, match=r"no Parquet files at .*train.*data.path"):
-        find_files(str(tmp_path), "train")
+    with pytest.raises(DataError, match=r"no parquet files at .*split train: train"):
+        open_split(config(tmp_path), "train", DataQuality(), train=True)
 
 
 def test_missing_column_names_column_file_and_key(tmp_path):
     write(tmp_path / "train", table().drop_columns(["a"]))
-    files = find_files(str(tmp_path), "train")
     with pytest.raises(
         DataError, match=r"column 'a' \(data.categorical\) is not in .*part-0.parquet"
     ):
-        check_files(files, SPEC, OovPolicy.mod)
+        open_split(config(tmp_path), "train", DataQuality(), train=True)
 
 
-def test_string_ids_and_list_dense_are_refused(tmp_path):
-    write(tmp_path / "s", table(a=pa.array(["u1", "u2", "u3", "u4", "u5"])))
-    with pytest.raises(DataError, match=r"'a' \(data.categorical\) .* type string"):
-        check_files(find_files(str(tmp_path), "s"), SPEC, OovPolicy.mod)
-    write(tmp_path / "l", table(x=pa.array([[1.0]] * 5)))
-    with pytest.raises(DataError, match=r"'x' \(data.dense\) .* numeric scalar"):
-        check_files(find_files(str(tmp_path), "l"), SPEC, OovPolicy.mod)
+def test_wrong_column_types_are_refused(tmp_path):
+    write(tmp_path / "f", table(a=pa.array([0.5] * 5)))
+    with pytest.raises(DataError, match=r"'a' \(data.categorical\) .* type double"):
+        open_split(config(tmp_path, train=SplitConfig(["f"])), "train", DataQuality(), True)
+    write(tmp_path / "s", table(x=pa.array(["u"] * 5)))
+    with pytest.raises(DataError, match=r"'x' \(data.dense\) .* type string"):
+        open_split(config(tmp_path, train=SplitConfig(["s"])), "train", DataQuality(), True)
+
+
+def test_a_list_where_one_number_is_configured_is_refused():
+    t = table(x=pa.array([[1.0], [], None, [2.0, 3.0], [4.0]]))
+    with pytest.raises(DataError, match=r"'x' \(data.dense\) in mem holds lists of up to 2"):
+        convert(t)
+
+
+def test_recis_layout_single_value_lists_read_as_numbers():
+    q = DataQuality()
+    t = table(
+        x=pa.array([[1.5], [], None, [2.0], [4.0]]), y=pa.array([[0.0], [1.0], [0.0], [1.0], [1.0]])
+    )
+    b = convert(t, quality=q)
+    assert b.dense_features[:, 0].tolist() == [1.5, -1.0, -1.0, 2.0, 4.0]
+    assert b.labels.tolist() == [0, 1, 0, 1, 1]
+    assert q.dense_nulls["x"] == 2
+
+
+def test_string_ids_hash_stably_with_fnv1a():
+    # reference values of 64-bit FNV-1a
+    h = hash_strings(pa.array(["", "a", "foobar"]))
+    assert h.tolist() == [0xCBF29CE484222325, 0xAF63DC4C8601EC8C, 0x85944171F73967E8]
+    assert hash_strings(pa.array(["x", "a", "foobar"]).slice(1)).tolist() == h[1:].tolist()
+    t = table(a=pa.array(["u1", None, "u3", "u1", ""]))
+    v = convert(t).sparse_features["a"].values().tolist()
+    assert v[0] == v[2] and all(0 <= x < 10 for x in v)
+    assert v == (hash_strings(pa.array(["u1", "u3", "u1", ""])) % 10).tolist()
+
+
+def test_missing_id_fills_empty_and_null_bags():
+    b = BatchConverter(SPEC, 0.0, OovPolicy.mod, DataQuality(), missing_id=0)(table(), "mem")
+    assert b.sparse_features["a"].lengths().tolist() == [1, 1, 1, 1, 1]
+    assert b.sparse_features["a"].values().tolist() == [3, 4, 0, 2, 0]
+    assert b.sparse_features["tags"].lengths().tolist() == [2, 1, 1, 1, 3]
+    assert b.sparse_features["tags"].values().tolist() == [1, 2, 0, 0, 7, 5, 6, 99]
+
+
+def numbered(tmp_path, sizes, sub="train"):
+    """Files of consecutive x values, so rows can be told apart; returns all x values."""
+    xs, start = [], 0
+    for i, n in enumerate(sizes):
+        x = np.arange(start, start + n, dtype=float)
+        start += n
+        xs += x.tolist()
+        t = pa.table({"y": np.zeros(n, np.int8), "x": x, "a": np.zeros(n, np.int64),
+                      "tags": pa.array([[1]] * n)})  # fmt: skip
+        pq.write_table(t, tmp_path / sub / f"part-{i}.parquet", row_group_size=5) if (
+            tmp_path / sub
+        ).mkdir(parents=True, exist_ok=True) is None else None
+    return xs
 
 
 def test_batches_are_exact_across_files_and_keep_row_order(tmp_path):
-    rng = np.random.default_rng(0)
-    labels = []
-    for i, n in enumerate([7, 13, 1, 20]):
-        y = rng.integers(0, 2, n)
-        labels.append(y)
-        t = pa.table(
-            {
-                "y": y,
-                "x": rng.random(n),
-                "a": rng.integers(0, 10, n),
-                "tags": pa.array([[int(v)] for v in rng.integers(0, 100, n)]),
-            }
-        )
-        write(tmp_path / "train", t, f"part-{i}.parquet")
-    split = ParquetSplit(
-        find_files(str(tmp_path), "train"),
-        BatchConverter(SPEC, 0.0, OovPolicy.mod, DataQuality()),
-        batch_size=8,
-    )
-    batches = list(split)
-    assert [len(b.labels) for b in batches] == [8, 8, 8, 8, 8, 1]
-    assert len(split) == 6
-    assert (
-        np.concatenate([b.labels.numpy() for b in batches]).tolist()
-        == np.concatenate(labels).tolist()
-    )
+    xs = numbered(tmp_path, [7, 13, 1, 20])
+    reader = open_split(config(tmp_path, batch_size=8), "train", DataQuality(), train=True)
+    batches = list(reader)
+    assert [len(b.labels) for b in batches] == [8, 8, 8, 8, 8, 1] and len(reader) == 6
+    assert rows_of(batches) == xs
 
 
-def test_open_split_globs_and_max_batches(tmp_path):
-    for i in range(3):
-        write(tmp_path / f"day={i}", table(), "f.parquet")
-    data = DataConfig(
-        path=str(tmp_path), label="y", dense=["x"], categorical=["a:10", "tags:100"], batch_size=4
-    )
-    split = open_split(data, "day=*", DataQuality(), train=True, max_batches=2)
-    assert split.num_rows == 15 and len(split) == 2 and len(list(split)) == 2
+def test_ranks_and_workers_read_disjoint_shares_with_equal_batch_counts(tmp_path):
+    xs = numbered(tmp_path, [23, 17, 9, 31, 12])  # row groups of 5 rows are the pieces
+    readers = [
+        open_split(
+            config(tmp_path, read_threads=2, batch_size=4),
+            "train",
+            DataQuality(),
+            train=True,
+            rank=r,
+            world_size=3,
+        )  # fmt: skip
+        for r in range(3)
+    ]
+    assert len({len(r) for r in readers}) == 1
+    seen = [rows_of(r) for r in readers]
+    assert all(len(s) == 4 * len(readers[0]) for s in seen)
+    flat = [x for s in seen for x in s]
+    assert len(flat) == len(set(flat)) and set(flat) <= set(xs)
+    assert len(xs) - len(flat) < 3 * 2 * 4 + 3 * 4 * len(readers[0])  # only remainders dropped
+
+
+def test_shuffle_is_deterministic_per_seed_and_differs_per_epoch(tmp_path):
+    xs = numbered(tmp_path, [40, 40, 40])
+    data = config(tmp_path, shuffle_buffer=32, batch_size=8)
+    a = open_split(data, "train", DataQuality(), train=True, seed=1)
+    b = open_split(data, "train", DataQuality(), train=True, seed=1)
+    first, again = rows_of(a), rows_of(b)
+    assert first == again and sorted(first) == xs and first != xs
+    assert rows_of(a) != first  # epoch 2 of the same reader
+    assert rows_of(open_split(data, "train", DataQuality(), train=True, seed=2)) != first
+
+
+def test_paths_globs_hidden_files_and_partition_filters(tmp_path):
+    for day in ["2026-11-01", "2026-11-02", "2026-11-03"]:
+        write(tmp_path / f"day={day}", table(), "part-0.parquet")
+    write(tmp_path / "day=2026-11-02", table(), "_tmp.parquet")  # hidden: skipped
+    (tmp_path / "day=2026-11-02" / "_SUCCESS").write_text("")
+    from pyarrow import fs
+
+    local = fs.LocalFileSystem()
+    assert len(list_files(local, str(tmp_path), "day=*", FileFormat.parquet)) == 3
+    assert len(list_files(local, str(tmp_path), ".", FileFormat.parquet)) == 3
+    assert list_files(local, str(tmp_path), "day=2026-11-0[12]/*.parquet", FileFormat.parquet) == [
+        f"{tmp_path}/day=2026-11-01/part-0.parquet",
+        f"{tmp_path}/day=2026-11-02/part-0.parquet",
+    ]
+    data = config(tmp_path, train=SplitConfig(["."], "day >= '2026-11-02'"), batch_size=100)
+    assert open_split(data, "train", DataQuality(), train=True).num_rows == 10
+    data = config(tmp_path, train=SplitConfig(["day=2026-11-01", "day=2026-11-03"]), batch_size=100)
+    assert open_split(data, "train", DataQuality(), train=True).num_rows == 10
+    data = config(tmp_path, train=SplitConfig(["."]), filter="day == '2026-11-03' and x > 0.6")
+    assert rows_of(open_split(data, "train", DataQuality(), train=True)) == [2.0, 1.0]
+
+
+def test_bad_filters_are_refused_before_reading(tmp_path):
+    write(tmp_path / "train", table())
+    with pytest.raises(ConfigError, match=r"data.filter='x >> 1': cannot use"):
+        parse_filter("x >> 1", "data.filter")
+    with pytest.raises(ConfigError, match=r"filter names column\(s\) \['dayz'\]"):
+        open_split(config(tmp_path, filter="dayz == 1"), "train", DataQuality(), train=True)
+    expr, cols = parse_filter("'a' <= day < 'c' and not x in [1, 2]", "k")
+    assert cols == {"day", "x"}
+
+
+def test_orc_and_parquet_give_the_same_batches(tmp_path):
+    import pyarrow.orc as orc
+
+    t = table()
+    write(tmp_path / "p", t)
+    (tmp_path / "o").mkdir()
+    orc.write_table(t, tmp_path / "o" / "part-0.orc")
+    pb = list(open_split(config(tmp_path, train=SplitConfig(["p"])), "train", DataQuality(), True))
+    ob = list(open_split(config(tmp_path, train=SplitConfig(["o"]), format=FileFormat.orc), "train",
+                         DataQuality(), True))  # fmt: skip
+    assert len(pb) == len(ob) == 2
+    for x, y in zip(pb, ob, strict=True):
+        assert x.sparse_features.values().tolist() == y.sparse_features.values().tolist()
+        assert x.dense_features.tolist() == y.dense_features.tolist()
 
 
 def test_prefetch_hands_errors_to_the_consumer():

@@ -212,7 +212,7 @@ def test_no_parquet_files_names_the_path(tmp_path):
     (tmp_path / "empty").mkdir()
     res = cli("trainer=debug", f"data.path={tmp_path / 'empty'}", cwd=tmp_path)
     assert res.returncode == 2
-    assert "error: no Parquet files at" in res.stderr + res.stdout
+    assert "error: no parquet files at" in res.stderr + res.stdout
     assert "Traceback" not in res.stderr + res.stdout
 
 

@@ -1,0 +1,280 @@
+"""Arrow rows -> TorchRec `Batch`: column checks, repairs, id folding and string hashing."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys.config import OovPolicy, Task
+from recsys.errors import DataError
+from recsys.features import FeatureSpec
+
+FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+FNV_PRIME = np.uint64(0x100000001B3)
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _role(spec: FeatureSpec, column: str) -> str:
+    if column == spec.label:
+        return "data.label"
+    return "data.dense" if column in spec.dense else "data.categorical"
+
+
+def check_schema(source: str, schema: pa.Schema, spec: FeatureSpec) -> None:
+    """Every configured column is there with a type its role can use."""
+    for column in spec.columns:
+        idx = schema.get_field_index(column)
+        role = _role(spec, column)
+        if idx < 0:
+            raise DataError(
+                f"column '{column}' ({role}) is not in {source}; its columns are: "
+                f"{', '.join(schema.names)}. Fix the column name in {role}"
+            )
+        t = schema.field(idx).type
+        inner = t.value_type if _is_list(t) else t
+        if column in spec.categorical_names:
+            if not (pa.types.is_integer(inner) or _is_string(inner)):
+                raise DataError(
+                    f"column '{column}' ({role}) in {source} has type {t}; categorical columns "
+                    "hold integer or string ids, or lists of them"
+                )
+        elif not (pa.types.is_integer(inner) or pa.types.is_floating(inner)
+                  or pa.types.is_boolean(inner)):  # fmt: skip
+            raise DataError(
+                f"column '{column}' ({role}) in {source} has type {t}; it must be numeric (a "
+                "number, or a list holding one): fix the column or move it to data.categorical"
+            )
+
+
+def _stats_range(meta: pq.FileMetaData, column: str) -> tuple[float, float] | None:
+    """Min and max of a top-level scalar column from the footer, if every row group has them."""
+    names = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    if column not in names:  # a list column's leaf has a longer path
+        return None
+    j = names.index(column)
+    lo, hi = float("inf"), float("-inf")
+    for g in range(meta.num_row_groups):
+        st = meta.row_group(g).column(j).statistics
+        if st is None or not st.has_min_max or isinstance(st.min, str | bytes):
+            return None
+        lo, hi = min(lo, st.min), max(hi, st.max)
+    return lo, hi
+
+
+def check_ranges(source: str, meta: pq.FileMetaData, spec: FeatureSpec, oov: OovPolicy) -> None:
+    """Labels that are not 0/1 and, under oov=error, ids past a table, from footer statistics."""
+    if spec.task is Task.binary:
+        r = _stats_range(meta, spec.label)
+        if r and (r[0] < 0 or r[1] > 1):
+            bad = r[0] if r[0] < 0 else r[1]
+            raise DataError(
+                f"label column '{spec.label}' in {source} has value {bad}; binary labels must "
+                "be 0 or 1: fix the data, or set data.task=regression"
+            )
+    if oov is OovPolicy.error:
+        for name, rows in spec.categorical:
+            r = _stats_range(meta, name)
+            if r and (r[0] < 0 or r[1] >= rows):
+                bad = r[0] if r[0] < 0 else r[1]
+                raise DataError(
+                    f"categorical column '{name}' in {source} has id {bad} outside its table "
+                    f"of {rows} rows: raise its size in data.categorical ({name}:ROWS) above "
+                    "the largest id, or set data.oov=mod"
+                )
+
+
+def hash_strings(values: pa.Array) -> np.ndarray:
+    """64-bit FNV-1a of each UTF-8 string, vectorised over rows (stable across runs/machines)."""
+    values = pc.cast(values, pa.large_string()) if pa.types.is_string(values.type) else values
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int64)[
+        values.offset : values.offset + len(values) + 1
+    ]
+    buf = values.buffers()[2]
+    data = np.frombuffer(buf, dtype=np.uint8) if buf is not None else np.zeros(0, np.uint8)
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    h = np.full(len(values), FNV_OFFSET, dtype=np.uint64)
+    for i in range(int(lengths.max()) if len(lengths) else 0):
+        live = lengths > i
+        h[live] = (h[live] ^ data[starts[live] + i].astype(np.uint64)) * FNV_PRIME
+    return h
+
+
+@dataclass
+class DataQuality:
+    """Counts of values the reader had to repair, reported at the end of a run."""
+
+    dense_nulls: Counter = field(default_factory=Counter)
+    categorical_nulls: Counter = field(default_factory=Counter)
+    oov_ids: Counter = field(default_factory=Counter)
+
+    def to_dict(self) -> dict:
+        return {
+            "dense_nulls_filled": dict(self.dense_nulls),
+            "categorical_nulls": dict(self.categorical_nulls),
+            "out_of_range_ids": dict(self.oov_ids),
+        }
+
+
+@dataclass
+class Columns:
+    """Converted rows: labels, dense matrix and, per categorical feature, values and lengths."""
+
+    keys: list[str]
+    labels: np.ndarray
+    dense: np.ndarray
+    ids: list[tuple[np.ndarray, np.ndarray | None]]  # (values, lengths or None: one id a row)
+
+    def __post_init__(self) -> None:
+        self.offsets = [
+            None if n is None else np.concatenate([[0], np.cumsum(n)]) for _, n in self.ids
+        ]
+
+    def batch(self, start: int, stop: int) -> Batch:
+        """Rows [start, stop) as a `Batch` (a KeyedJaggedTensor for the categorical features)."""
+        values, lengths, ones = [], [], np.ones(stop - start, np.int64)
+        for (v, n), o in zip(self.ids, self.offsets, strict=True):
+            values.append(v[start:stop] if o is None else v[o[start] : o[stop]])
+            lengths.append(ones if n is None else n[start:stop])
+        sparse = KeyedJaggedTensor(
+            keys=self.keys,
+            values=torch.from_numpy(np.concatenate(values)),
+            lengths=torch.from_numpy(np.concatenate(lengths)),
+        )
+        return Batch(
+            dense_features=torch.from_numpy(self.dense[start:stop]),
+            sparse_features=sparse,
+            labels=torch.from_numpy(self.labels[start:stop]),
+        )
+
+
+class BatchConverter:
+    """Turns an Arrow table of rows into a `Batch`, vectorised, with no per-row Python."""
+
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        fill_value: float,
+        oov: OovPolicy,
+        quality: DataQuality,
+        missing_id: int | None = None,
+    ):
+        self.spec = spec
+        self.fill_value = fill_value
+        self.oov = oov
+        self.quality = quality
+        self.missing_id = missing_id
+
+    def __call__(self, table: pa.Table, source: str) -> Batch:
+        """All rows of table as one `Batch`."""
+        return self.columns(table, source).batch(0, table.num_rows)
+
+    def columns(self, table: pa.Table, source: str) -> Columns:
+        """Convert many rows at once (per-column work is per call), to slice into batches."""
+        labels = self._scalar(table.column(self.spec.label), self.spec.label, source)
+        self._check_labels(labels, source)
+        dense = np.empty((table.num_rows, len(self.spec.dense)), dtype=np.float32)
+        for j, name in enumerate(self.spec.dense):
+            x = self._scalar(table.column(name), name, source)
+            missing = np.isnan(x)
+            if missing.any():
+                self.quality.dense_nulls[name] += int(missing.sum())
+                x[missing] = self.fill_value
+            dense[:, j] = x
+        ids = [self._ids(table.column(n), n, rows, source) for n, rows in self.spec.categorical]
+        return Columns(self.spec.categorical_names, labels, dense, ids)
+
+    def _scalar(self, column: pa.ChunkedArray, name: str, source: str) -> np.ndarray:
+        """A float32 copy of a numeric column; a list column must hold at most one number a row."""
+        col = column.combine_chunks()
+        if not _is_list(col.type):
+            return pc.cast(col, pa.float32()).to_numpy(zero_copy_only=False).astype(np.float32)
+        lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy()
+        if len(lengths) and lengths.max() > 1:
+            raise DataError(
+                f"column '{name}' ({_role(self.spec, name)}) in {source} holds lists of up to "
+                f"{lengths.max()} numbers; it is configured as one number a row: list it in "
+                "data.categorical if it holds ids, or fix the data"
+            )
+        out = np.full(len(col), np.nan, dtype=np.float32)
+        flat = pc.cast(pc.list_flatten(col), pa.float32()).to_numpy(zero_copy_only=False)
+        out[lengths == 1] = flat
+        return out
+
+    def _check_labels(self, y: np.ndarray, source: str) -> None:
+        bad = np.isnan(y)
+        if self.spec.task is Task.binary:
+            bad |= (y != 0) & (y != 1)
+        if bad.any():
+            value = y[bad][0]
+            fix = (
+                "binary labels must be 0 or 1: fix the data, or set data.task=regression"
+                if self.spec.task is Task.binary
+                else "labels must not be null: drop those rows or fill them"
+            )
+            raise DataError(
+                f"label column '{self.spec.label}' in {source} has value "
+                f"{'null' if np.isnan(value) else value} ({int(bad.sum())} such rows); {fix}"
+            )
+
+    def _ids(
+        self, column: pa.ChunkedArray, name: str, rows: int, source: str
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Values and lengths of a feature; lengths None when every row holds exactly one id."""
+        col = column.combine_chunks()
+        self.quality.categorical_nulls[name] += col.null_count
+        if _is_list(col.type):
+            lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy().astype(np.int64)
+            flat = pc.list_flatten(col)
+            if flat.null_count:
+                raise DataError(
+                    f"list column '{name}' in {source} holds null ids inside its lists; "
+                    "drop them from the lists"
+                )
+        elif col.null_count:
+            lengths = col.is_valid().to_numpy(zero_copy_only=False).astype(np.int64)
+            flat = col.drop_null()
+        else:
+            lengths, flat = None, col  # one id a row
+        if _is_string(flat.type):
+            values = (hash_strings(flat) % np.uint64(rows)).astype(np.int64)
+        else:
+            values = flat.to_numpy().astype(np.int64, copy=False)
+            values = self._fold(values, name, rows, source)
+        if lengths is None:
+            return values, None
+        if self.missing_id is not None and (lengths == 0).any():
+            empty = lengths == 0
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            values = np.insert(values, starts[empty], self.missing_id)
+            lengths = np.where(empty, 1, lengths)
+        return values, lengths
+
+    def _fold(self, values: np.ndarray, name: str, rows: int, source: str) -> np.ndarray:
+        outside = values.view(np.uint64) >= rows  # negative ids wrap to huge values
+        if not outside.any():
+            return values
+        n = int(outside.sum())
+        if self.oov is OovPolicy.error:
+            raise DataError(
+                f"categorical column '{name}' in {source} has id {values[outside][0]} "
+                f"outside its table of {rows} rows ({n} such ids in this batch): raise its "
+                f"size in data.categorical ({name}:ROWS) above the largest id, or set "
+                "data.oov=mod"
+            )
+        self.quality.oov_ids[name] += n
+        return np.mod(values, rows)

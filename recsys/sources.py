@@ -1,0 +1,219 @@
+"""Where rows come from: local or S3 file systems, split paths and globs, filters, and pieces."""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+
+from recsys.config import DataConfig, FileFormat, S3Config, SplitConfig
+from recsys.errors import ConfigError, DataError
+
+SUFFIXES = {FileFormat.parquet: (".parquet", ".parq"), FileFormat.orc: (".orc",)}
+
+
+def filesystem(path: str, s3: S3Config) -> tuple[pafs.FileSystem, str]:
+    """The file system behind data.path and the root path inside it."""
+    if path.startswith("s3://"):
+        endpoint, scheme = s3.endpoint, None
+        if endpoint and "://" in endpoint:
+            scheme, endpoint = endpoint.split("://", 1)
+        fs = pafs.S3FileSystem(
+            access_key=s3.access_key,
+            secret_key=s3.secret_key,
+            region=s3.region,
+            endpoint_override=endpoint,
+            scheme=scheme or ("http" if endpoint else "https"),
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=s3.max_attempts),
+            connect_timeout=5,
+            request_timeout=30,
+        )
+        return fs, path.removeprefix("s3://").rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def s3_error(e: OSError, where: str) -> DataError:
+    """One line for the S3 failures users can fix: credentials, bucket, endpoint."""
+    text = str(e)
+    if any(k in text for k in ("SIGNATURE_DOES_NOT_MATCH", "INVALID_ACCESS_KEY", "ACCESS_DENIED")):
+        return DataError(
+            f"S3 refused the credentials for {where}: check data.s3.access_key/secret_key or "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_PROFILE"
+        )
+    if "NO_SUCH_BUCKET" in text:
+        return DataError(f"the bucket of {where} does not exist: fix the bucket in data.path")
+    if "NETWORK_CONNECTION" in text or "Couldn't connect" in text or "curlCode" in text:
+        return DataError(
+            f"cannot reach the S3 endpoint for {where} ({text.splitlines()[0][:120]}): "
+            "check data.s3.endpoint and that the server is up"
+        )
+    return DataError(f"reading {where} failed: {text.splitlines()[0]}")
+
+
+def list_files(fs: pafs.FileSystem, root: str, pattern: str, fmt: FileFormat) -> list[str]:
+    """Data files of one path or glob under root, sorted; hidden (_x, .x) files are skipped."""
+    target = pattern if pattern.startswith("/") else f"{root}/{pattern}" if pattern != "." else root
+    magic = glob.has_magic(target)
+    base = target
+    while glob.has_magic(base):
+        base = base.rsplit("/", 1)[0]
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        return []
+    if info.type == pafs.FileType.File:
+        candidates = [info]
+    else:
+        candidates = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    files = []
+    for f in candidates:
+        rel = f.path[len(base) :].lstrip("/").split("/") if f.path != base else []
+        if f.type != pafs.FileType.File or any(p.startswith(("_", ".")) for p in rel):
+            continue
+        if not f.path.endswith(SUFFIXES[fmt]):
+            continue
+        if magic:
+            parents = [f.path] + [str(p) for p in PurePosixPath(f.path).parents]
+            if not any(fnmatch.fnmatchcase(p, target) for p in parents):
+                continue
+        files.append(f.path)
+    return sorted(files)
+
+
+_OPS = {ast.Eq: "__eq__", ast.NotEq: "__ne__", ast.Lt: "__lt__", ast.LtE: "__le__",
+        ast.Gt: "__gt__", ast.GtE: "__ge__"}  # fmt: skip
+
+
+def parse_filter(text: str, key: str) -> tuple[ds.Expression, set[str]]:
+    """A filter such as `day >= '2026-11-01' and day < '2026-11-08'`: Arrow expression, columns."""
+    columns: set[str] = set()
+
+    def bad(node: ast.AST) -> ConfigError:
+        return ConfigError(
+            f"{key}={text!r}: cannot use {ast.unparse(node)!r}; write comparisons of a column "
+            "with literals joined by and/or/not, e.g. day >= '2026-11-01' and day < '2026-11-08'"
+        )
+
+    def value(node: ast.AST):
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.List | ast.Tuple):
+            return [value(e) for e in node.elts]
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
+        raise bad(node)
+
+    def term(node: ast.AST):
+        if isinstance(node, ast.Name):
+            columns.add(node.id)
+            return ds.field(node.id)
+        return value(node)
+
+    def expr(node: ast.AST) -> ds.Expression:
+        if isinstance(node, ast.BoolOp):
+            parts = [expr(v) for v in node.values]
+            out = parts[0]
+            for p in parts[1:]:
+                out = (out & p) if isinstance(node.op, ast.And) else (out | p)
+            return out
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            return ~expr(node.operand)
+        if isinstance(node, ast.Compare):
+            out, left = None, node.left
+            for op, right in zip(node.ops, node.comparators, strict=True):
+                a, b = term(left), term(right)
+                if isinstance(op, ast.In | ast.NotIn) and isinstance(a, ds.Expression):
+                    e = a.isin(b)
+                    e = ~e if isinstance(op, ast.NotIn) else e
+                elif type(op) in _OPS and isinstance(a, ds.Expression):
+                    e = getattr(a, _OPS[type(op)])(b)
+                elif type(op) in _OPS and isinstance(b, ds.Expression):
+                    flipped = {ast.Lt: ast.Gt, ast.LtE: ast.GtE, ast.Gt: ast.Lt, ast.GtE: ast.LtE}
+                    e = getattr(b, _OPS[flipped.get(type(op), type(op))])(a)
+                else:
+                    raise bad(node)
+                out = e if out is None else out & e
+                left = right
+            return out
+        raise bad(node)
+
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        raise ConfigError(f"{key}={text!r} is not a valid filter expression") from None
+    return expr(tree), columns
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The unit of sharding: a Parquet row group or an ORC file, with its row count."""
+
+    fragment: ds.Fragment
+    rows: int
+    name: str
+    schema: pa.Schema  # the dataset's: file columns plus partition keys
+
+
+def split_pieces(data: DataConfig, name: str) -> tuple[list[Piece], ds.Expression | None, str]:
+    """Pieces of a split with its row filter, partition filters already applied, in stable order."""
+    split: SplitConfig | None = data.split(name)
+    if split is None:
+        raise ConfigError(f"data.{name} is null: this run has no {name} split")
+    fs, root = filesystem(data.path, data.s3)
+    where = f"{data.path} (split {name}: {', '.join(split.paths)})"
+    try:
+        files = sorted({f for p in split.paths for f in list_files(fs, root, p, data.format)})
+    except OSError as e:
+        raise s3_error(e, where) from None
+    if not files and data.path.startswith("s3://"):
+        bucket = root.split("/", 1)[0]
+        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise DataError(f"the bucket of {where} does not exist: fix the bucket in data.path")
+    if not files:
+        raise DataError(
+            f"no {data.format.value} files at {where}: point data.path at a directory whose "
+            f"{'/'.join(SUFFIXES[data.format])} files the split's paths (data.{name}.paths, "
+            "paths or globs relative to data.path) select"
+        )
+    row_filter, columns = None, set()
+    for text, key in ((data.filter, "data.filter"), (split.filter, f"data.{name}.filter")):
+        if text:
+            expr, used = parse_filter(text, key)
+            row_filter = expr if row_filter is None else row_filter & expr
+            columns |= used
+    partitioning = (
+        ds.HivePartitioning.discover(infer_dictionary=False) if data.hive_partitioning else None
+    )
+    fmt = ds.ParquetFileFormat() if data.format is FileFormat.parquet else ds.OrcFileFormat()
+    try:
+        dataset = ds.dataset(
+            files, filesystem=fs, format=fmt, partitioning=partitioning, partition_base_dir=root
+        )
+        unknown = sorted(columns - set(dataset.schema.names))
+        if unknown:
+            raise ConfigError(
+                f"the filter names column(s) {unknown} that {where} does not have; its "
+                f"columns and partition keys are: {', '.join(dataset.schema.names)}"
+            )
+        pieces, schema = [], dataset.schema
+        parquet = data.format is FileFormat.parquet
+        for frag in dataset.get_fragments(filter=row_filter):
+            parts = frag.split_by_row_group(row_filter, schema=schema) if parquet else [frag]
+            for i, part in enumerate(parts):
+                if row_filter is not None:
+                    rows = ds.Scanner.from_fragment(
+                        part, schema=schema, columns=[], filter=row_filter
+                    ).count_rows()
+                else:
+                    rows = part.row_groups[0].num_rows if parquet else part.count_rows()
+                if rows:
+                    pieces.append(Piece(part, rows, f"{frag.path}#{i}", schema))
+    except OSError as e:
+        raise s3_error(e, where) from None
+    return pieces, row_filter, where
