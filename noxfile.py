@@ -71,9 +71,10 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
-    """Throughput and memory of training from Parquet vs an in-memory plain PyTorch baseline."""
+    """Training vs an in-memory plain PyTorch baseline; our reader vs a raw Arrow scan."""
     install(session)
     session.run(str(PYTHON), "benchmarks/train_throughput.py", *session.posargs, external=True)
+    session.run(str(PYTHON), "benchmarks/reader_throughput.py", external=True)
 
 
 @nox.session(venv_backend="none")

@@ -125,20 +125,20 @@ class SplitReader:
         pending: list[pa.RecordBatch] = []
         sources: list[str] = []
         n = 0
-        for piece in pieces:
-            for rb in self._read(piece):
-                pending.append(rb)
-                if piece.name not in sources:
-                    sources.append(piece.name)
-                n += rb.num_rows
-                if n >= window:
-                    table = pa.Table.from_batches(pending)
-                    if self.shuffle_buffer:
-                        table = table.take(rng.permutation(n))
-                    full = n - n % self.batch_size
-                    yield from self._emit(table.slice(0, full), sources)
-                    rest = table.slice(full)
-                    pending, n, sources = rest.to_batches(), rest.num_rows, sources[-1:]
+        # decoding (Arrow, without the GIL) runs a step ahead of converting, on its own thread
+        for piece, rb in prefetched(self._read_all(pieces), 2):
+            pending.append(rb)
+            if piece.name not in sources:
+                sources.append(piece.name)
+            n += rb.num_rows
+            if n >= window:
+                table = pa.Table.from_batches(pending)
+                if self.shuffle_buffer:
+                    table = table.take(rng.permutation(n))
+                full = n - n % self.batch_size
+                yield from self._emit(table.slice(0, full), sources)
+                rest = table.slice(full)
+                pending, n, sources = rest.to_batches(), rest.num_rows, sources[-1:]
         if n:
             table = pa.Table.from_batches(pending)
             if self.shuffle_buffer:
@@ -146,6 +146,11 @@ class SplitReader:
             if self.drop_remainder:
                 table = table.slice(0, n - n % self.batch_size)
             yield from self._emit(table, sources)
+
+    def _read_all(self, pieces: list[Piece]) -> Iterator[tuple[Piece, pa.RecordBatch]]:
+        for piece in pieces:
+            for rb in self._read(piece):
+                yield piece, rb
 
     def _read(self, piece: Piece) -> Iterator[pa.RecordBatch]:
         columns = self.converter.spec.columns
