@@ -155,3 +155,16 @@ def test_transient_failures_are_retried(s3):
         assert proxy.dropped == 2
     finally:
         proxy.close()
+
+
+def test_cli_masks_credentials_given_on_the_command_line(s3, tmp_path):
+    from tests.conftest import cli
+
+    res = cli(*s3_overrides(s3, "trainer=debug", f"data.s3.access_key={s3.access_key}",
+                            f"data.s3.secret_key={s3.secret_key}"), cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert s3.secret_key not in res.stdout + res.stderr
+    files = [p for p in (tmp_path / "experiments").rglob("*") if p.is_file()]
+    assert any(p.name == "overrides.yaml" for p in files)
+    for p in files:
+        assert s3.secret_key.encode() not in p.read_bytes(), p

@@ -219,3 +219,26 @@ def test_no_parquet_files_names_the_path(tmp_path):
 def test_out_of_range_ids_are_folded_by_default_and_counted(small_data, tmp_path):
     _, m = train(small_data, tmp_path / "oov", "trainer=debug", categorical_override(c15=1000))
     assert m["data_quality"]["out_of_range_ids"]["c15"] > 0
+
+
+@pytest.fixture(scope="session")
+def small_orc(tmp_path_factory) -> Path:
+    """The demo in RecIS's ORC layout (list<double> numbers, list<int64> ids), small."""
+    from recsys.demo_data import DemoSpec, generate
+
+    out = tmp_path_factory.mktemp("orc") / "small"
+    rows = {"train": 60_000, "validation": 20_000, "test": 20_000}
+    generate(out, DemoSpec(rows=rows, layout="recis_orc", rows_per_file=20_000))
+    return out
+
+
+@pytest.mark.parametrize("model", ["lr", "fm", "deepfm", "mlp"])
+def test_every_model_trains_on_recis_orc(small_orc, tmp_path, model):
+    cfg = compose_cfg(
+        "data=orc", f"data.path={small_orc}", f"model={model}", "trainer.progress_bar=false",
+        "trainer.eval_every_steps=null", "data.read_threads=2", "data.shuffle_buffer=8192",
+    )  # fmt: skip
+    value = run(cfg, tmp_path / model)
+    m = metrics_of(tmp_path / model)
+    assert m["train"]["steps"] == 15 and value == m["validation"]["auc"] > 0.55
+    assert m["data_quality"]["dense_nulls_filled"]["d3"] > 0  # nulls became empty lists
