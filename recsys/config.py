@@ -343,7 +343,9 @@ class TrainConfig:
     trainer: TrainerConfig = MISSING
     seed: int = 0
     name: str | None = None
-    objective: str | None = None
+    # a validation metric, a run measure (parameters, samples_per_s), or a list of them for a
+    # multi-objective sweep; null: the model's main metric
+    objective: Any = None
 
 
 def demo_dir(name: str = "ctr-v1") -> str:

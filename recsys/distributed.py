@@ -43,7 +43,18 @@ def quiet_torchrec() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def _export_submitit_env() -> None:
+    """In a multi-task submitit job (SLURM or local), set torch.distributed's env:// variables."""
+    if "WORLD_SIZE" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def resolve_device(device: Device) -> torch.device:
+    _export_submitit_env()
     if device is Device.cuda and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA device is visible: use cpu or auto")
     if device is Device.cpu or (device is Device.auto and not torch.cuda.is_available()):
@@ -55,12 +66,27 @@ def init_process_group(device: torch.device) -> None:
     """Join torchrun's/SLURM's process group, or make a one-process one without any socket."""
     if dist.is_initialized():
         return
+    _export_submitit_env()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group(backend)
     else:
         os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def is_rank0() -> bool:
+    """Whether this process writes the run dir: rank 0, or the only process."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def agree(flag: bool) -> bool:
+    """Rank 0's flag, on every rank (so all ranks stop together)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    holder = [flag]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def shard(

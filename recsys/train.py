@@ -25,13 +25,22 @@ from recsys.distributed import (
     dense_parameters,
     full_state_dict,
     init_process_group,
+    is_rank0,
     quiet_torchrec,
     resolve_device,
     shard,
 )
 from recsys.errors import ConfigError, RecsysError
 from recsys.features import FeatureSpec
-from recsys.metrics import DEFAULT_METRIC, HIGHER_IS_BETTER, TASK_METRICS
+from recsys.metrics import DEFAULT_METRIC, TASK_METRICS
+from recsys.objectives import (
+    RUN_MEASURES,
+    objective_entries,
+    objective_names,
+    parameter_count,
+    pruning_callback,
+    sweep_result,
+)
 from recsys.outputs import (
     flat_hparams,
     mask_in_files,
@@ -69,7 +78,8 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     typed = schema.to_object(cfg)
     data, tcfg = typed.data, typed.trainer
     task = data.task
-    objective = _metric(typed.objective, task, "objective")
+    objectives = objective_names(typed.objective, TASK_METRICS[task])
+    objective = next((n for n in objectives if n not in RUN_MEASURES), None)
     monitor = _metric(
         tcfg.early_stopping.metric or objective, task, "trainer.early_stopping.metric"
     )
@@ -97,8 +107,9 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     model = instantiate(cfg.model, _partial_=True, _convert_="all")(features=spec, device="meta")
     model = shard(model, device, tcfg.sparse_optimizer, tcfg.sharding)
     dense_opt = instantiate(cfg.trainer.dense_optimizer, params=dense_parameters(model))
-    save_config(run_dir, cfg)
-    writer = SummaryWriter(log_dir=str(run_dir))
+    if is_rank0():
+        save_config(run_dir, cfg)
+    writer = SummaryWriter(log_dir=str(run_dir)) if is_rank0() else None
     log.info(
         "training %s on %s: %d train rows, %d steps/epoch, batch %d, device %s",
         type(model.module).__name__,
@@ -109,20 +120,20 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         device,
     )
     trainer = Trainer(model, dense_opt, tcfg, task, device, writer, monitor)
-    fit = trainer.fit(train, val)
+    fit = trainer.fit(train, val, pruning_callback(objectives[0]))
     val_metrics = fit.evaluations[-1] if fit.evaluations else {}
     val_metrics = {k: v for k, v in val_metrics.items() if k != "step"}
     test_metrics = trainer.evaluate(test) if test is not None else {}
     wall = time.perf_counter() - start
+    measures = {"parameters": parameter_count(model), "samples_per_s": fit.samples_per_s}
+    entries = objective_entries(objectives, val_metrics, measures)
     metrics = {
+        "status": "pruned" if fit.stopped_by_callback else "complete",
         "validation": val_metrics,
         "test": test_metrics,
-        "objective": {
-            "split": "validation",
-            "metric": objective,
-            "value": val_metrics.get(objective, float("nan")),
-            "higher_is_better": HIGHER_IS_BETTER[objective],
-        },
+        "objective": entries[0],
+        "objectives": entries,
+        "parameters": measures["parameters"],
         "train": {
             "steps": fit.steps,
             "epochs": fit.epochs,
@@ -132,13 +143,17 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             "final_loss": fit.final_loss,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "stopped_early": fit.stopped_early,
+            "first_step_at": fit.first_step_at,
             "evaluations": fit.evaluations,
         },
         "wall_time_s": wall,
         "data_quality": quality.to_dict(),
     }
+    state = full_state_dict(model)  # a collective: every rank takes part, rank 0 writes
+    if not is_rank0():
+        return sweep_result(metrics)
     write_json(run_dir / "metrics.json", metrics)
-    model_path = save_model(run_dir, cfg.model, spec, full_state_dict(model))
+    model_path = save_model(run_dir, cfg.model, spec, state)
     final = {f"validation/{k}": v for k, v in val_metrics.items()}
     final |= {f"test/{k}": v for k, v in test_metrics.items()}
     final["train/samples_per_s"] = fit.samples_per_s
@@ -148,7 +163,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     rows = [(f"validation {k}", f"{v:.4f}") for k, v in val_metrics.items()]
     rows += [(f"test {k}", f"{v:.4f}") for k, v in test_metrics.items()]
     rows += [
-        ("objective", f"validation {objective} = {metrics['objective']['value']:.4f}"),
+        (
+            "objective",
+            ", ".join(f"{o['split']} {o['metric']} = {o['value']:.4g}" for o in entries),
+        ),
         (
             "steps / epochs",
             f"{fit.steps} / {fit.epochs}" + (" (early stop)" if fit.stopped_early else ""),
@@ -163,7 +181,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             rows.append((kind.replace("_", " "), ", ".join(f"{k}: {v}" for k, v in counts.items())))
     rows += [("run dir", str(run_dir)), ("model", str(model_path))]
     log.info("summary\n%s", summary_table(rows))
-    return metrics["objective"]["value"]
+    return sweep_result(metrics)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -6,7 +6,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +72,8 @@ class FitResult:
     samples: int = 0
     train_seconds: float = 0.0
     stopped_early: bool = False
+    stopped_by_callback: bool = False  # on_evaluation asked to stop (a sweep pruned the run)
+    first_step_at: float | None = None  # wall clock (time.time) when the first step finished
     final_loss: float = float("nan")
     evaluations: list[dict] = field(default_factory=list)
 
@@ -117,7 +119,13 @@ class Trainer:
     def _to_device(self, batch: Batch) -> Batch:
         return batch if self.device.type == "cpu" else batch.to(self.device, non_blocking=True)
 
-    def fit(self, train: Iterable[Batch], validation: Iterable[Batch] | None) -> FitResult:
+    def fit(
+        self,
+        train: Iterable[Batch],
+        validation: Iterable[Batch] | None,
+        on_evaluation: Callable[[int, dict[str, float]], bool] | None = None,
+    ) -> FitResult:
+        """Train; `on_evaluation(step, metrics)` sees every validation and returns True to stop."""
         cfg = self.cfg
         steps_per_epoch = len(train)
         total = cfg.max_epochs * steps_per_epoch
@@ -144,6 +152,7 @@ class Trainer:
                 loss = loss_fn(self.task, logits, batch.labels)
                 (loss / accum).backward()
                 result.steps += 1
+                result.first_step_at = result.first_step_at or time.time()
                 if result.steps % accum == 0 or result.steps == total:
                     if cfg.grad_clip_norm is not None:
                         torch.nn.utils.clip_grad_norm_(dense_params, cfg.grad_clip_norm)
@@ -184,7 +193,7 @@ class Trainer:
                 every = cfg.eval_every_steps
                 if validation is not None and every and result.steps % every == 0:
                     result.train_seconds += time.perf_counter() - tick
-                    done = self._evaluate_and_check(validation, result, stopper)
+                    done = self._evaluate_and_check(validation, result, stopper, on_evaluation)
                     last_eval_step = result.steps
                     tick = window_start = time.perf_counter()
                     window_samples = 0
@@ -194,7 +203,7 @@ class Trainer:
             result.train_seconds += time.perf_counter() - tick
             result.epochs = epoch + 1
             if validation is not None and last_eval_step != result.steps:
-                stop = self._evaluate_and_check(validation, result, stopper)
+                stop = self._evaluate_and_check(validation, result, stopper, on_evaluation)
                 last_eval_step = result.steps
                 done = done or stop
             window_start, window_samples = time.perf_counter(), 0
@@ -205,7 +214,11 @@ class Trainer:
         return result
 
     def _evaluate_and_check(
-        self, validation: Iterable[Batch], result: FitResult, stopper: EarlyStopping | None
+        self,
+        validation: Iterable[Batch],
+        result: FitResult,
+        stopper: EarlyStopping | None,
+        on_evaluation: Callable[[int, dict[str, float]], bool] | None,
     ) -> bool:
         metrics = self.evaluate(validation)
         result.evaluations.append({"step": result.steps, **metrics})
@@ -214,6 +227,10 @@ class Trainer:
         text = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         log.info("validation at step %d: %s", result.steps, text)
         self.model.train()
+        if on_evaluation is not None and on_evaluation(result.steps, metrics):
+            log.info("stopping at step %d: the evaluation callback asked to", result.steps)
+            result.stopped_by_callback = True
+            return True
         if stopper is None:
             return False
         stop = stopper.update(metrics[self.monitor], result.steps)

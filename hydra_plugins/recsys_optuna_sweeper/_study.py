@@ -118,10 +118,21 @@ def _open_study(settings: dict[str, Any], spec: str, directions: list[str]) -> o
     if sampler_cfg:
         study.sampler = _build("sampler", sampler_cfg, **extra)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study.tell(trial.number, state=TrialState.FAIL)
+        _tell(study, trial.number, state=TrialState.FAIL)
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
         log.info("trial %d was interrupted: re-queued with the same parameters", trial.number)
     return study
+
+
+def _tell(study: optuna.Study, trial: Any, values: Any = None, state: Any = None) -> bool:
+    """Record an outcome; False once a grid or brute-force sampler has no points left."""
+    try:
+        study.tell(trial, values, state)
+    except RuntimeError as e:  # such samplers call Study.stop(), valid only inside optimize()
+        if "Study.stop" not in str(e):
+            raise
+        return False  # the outcome was stored all the same
+    return True
 
 
 def _finished(study: optuna.Study) -> int:
@@ -155,7 +166,8 @@ def run_study(
         spec,
         spec,
     )
-    while (left := n_trials - _finished(study)) > 0:
+    exhausted = False
+    while not exhausted and (left := n_trials - _finished(study)) > 0:
         # asked together, a batch's trials have consecutive numbers: job i's dir is its trial's
         batch = [study.ask(space.distributions) for _ in range(min(settings["n_jobs"], left))]
         jobs = [
@@ -178,7 +190,7 @@ def run_study(
                 failures += 1
                 trial.set_user_attr("failure", result.reason)
                 log.warning("trial %d failed: %s", trial.number, result.reason)
-            study.tell(trial, result.values, result.state)
+            exhausted = not _tell(study, trial, result.values, result.state) or exhausted
             values = ", ".join(map(shown, result.values or []))
             log.info("trial %d %s %s", trial.number, result.state.name.lower(), values)
         if failures > settings["max_failures"]:
@@ -188,6 +200,8 @@ def run_study(
                 f"{settings['max_failures']} (reasons above): fix the cause or raise max_failures;"
                 " re-running the same command resumes the study"
             )
+    if exhausted:
+        log.info("the sampler has tried every point of the search space")
     log.info(write_results(study, space, sweep_dir, spec))
     log.info("study stored in %s; view it with: optuna-dashboard %s", spec, spec)
     return study

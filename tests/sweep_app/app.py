@@ -1,0 +1,28 @@
+"""A tiny Hydra app for the sweeper's own tests: a fast objective with ways to fail and prune."""
+
+import math
+
+import hydra
+import optuna
+from omegaconf import DictConfig
+
+from hydra_plugins.recsys_optuna_sweeper.trial import current_trial
+
+
+@hydra.main(version_base="1.3", config_path=".", config_name="app")
+def main(cfg: DictConfig) -> float | tuple[float, float]:
+    if cfg.crash:
+        raise RuntimeError("crashed on purpose")
+    value = (cfg.x - 2) ** 2 + cfg.y
+    trial = current_trial()
+    for step in range(cfg.report_steps):
+        trial.report(value + 1 / (step + 1), step)
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+    if cfg.x > cfg.nan_above:
+        return math.nan
+    return (value, abs(cfg.x)) if cfg.two_objectives else value
+
+
+if __name__ == "__main__":
+    main()
