@@ -172,12 +172,14 @@ class BatchConverter:
         oov: OovPolicy,
         quality: DataQuality,
         missing_id: int | None = None,
+        vocab: dict | None = None,
     ):
         self.spec = spec
         self.fill_value = fill_value
         self.oov = oov
         self.quality = quality
         self.missing_id = missing_id
+        self.vocab = vocab
 
     def __call__(self, table: pa.Table, source: str) -> Batch:
         """All rows of table as one `Batch`."""
@@ -250,7 +252,9 @@ class BatchConverter:
             flat = col.drop_null()
         else:
             lengths, flat = None, col  # one id a row
-        if _is_string(flat.type):
+        if self.vocab is not None:
+            values = self.vocab[name].lookup(flat)
+        elif _is_string(flat.type):
             values = (hash_strings(flat) % np.uint64(rows)).astype(np.int64)
         else:
             values = flat.to_numpy().astype(np.int64, copy=False)

@@ -104,6 +104,9 @@ class DataConfig:
     dense_fill_value: float = 0.0
     oov: OovPolicy = OovPolicy.mod
     missing_id: int | None = None
+    # size tables by and map ids through the vocabularies `python -m recsys.vocabulary` wrote
+    vocabulary: bool = False
+    vocabulary_min_count: int = 1
     batch_size: int = 4096
     eval_batch_size: int = 16384
     read_threads: int = 1
@@ -119,6 +122,7 @@ class DataConfig:
         _positive("data.prefetch", self.prefetch, allow_zero=True)
         _positive("data.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
         _positive("data.missing_id", self.missing_id, allow_zero=True)
+        _positive("data.vocabulary_min_count", self.vocabulary_min_count)
         if not self.train.paths:
             raise ConfigError("data.train.paths is empty: name the train files, e.g. [train]")
         if not self.categorical:
@@ -132,7 +136,9 @@ class DataConfig:
         if twice:
             raise ConfigError(f"column(s) {twice} are configured twice; give each column one role")
         if self.missing_id is not None:
-            small = [n for n, rows in tables.items() if rows <= self.missing_id]
+            small = [
+                n for n, rows in tables.items() if rows is not None and rows <= self.missing_id
+            ]
             if small:
                 raise ConfigError(
                     f"data.missing_id={self.missing_id} is past the table of {small[0]}: "
@@ -143,11 +149,14 @@ class DataConfig:
         return {"train": self.train, "validation": self.validation, "test": self.test}[name]
 
     @property
-    def tables(self) -> dict[str, int]:
-        """Categorical column -> embedding table rows, parsed from the `column:rows` entries."""
-        tables: dict[str, int] = {}
+    def tables(self) -> dict[str, int | None]:
+        """Categorical column -> table rows from `column:rows` entries (None: from vocabulary)."""
+        tables: dict[str, int | None] = {}
         for i, entry in enumerate(self.categorical):
-            name, _, rows = str(entry).rpartition(":")
+            name, sep, rows = str(entry).rpartition(":")
+            if not sep and self.vocabulary:
+                tables[rows] = None
+                continue
             try:
                 size = int(rows)
             except ValueError:
@@ -155,7 +164,7 @@ class DataConfig:
             if not name or size is None:
                 raise ConfigError(
                     f"data.categorical[{i}]={entry!r} is not 'column:rows': write the column "
-                    f"and its table size, e.g. {entry}:100000"
+                    f"and its table size, e.g. {entry}:100000, or set data.vocabulary=true"
                 )
             _positive(f"data.categorical[{i}] ({name})", size)
             tables[name] = size

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 from torchrec.datasets.utils import Batch
 
+from recsys import vocabulary
 from recsys.batches import BatchConverter, DataQuality, check_ranges, check_schema
 from recsys.config import DataConfig, FileFormat
 from recsys.errors import DataError
@@ -184,7 +185,8 @@ def open_split(
     seed: int = 0,
 ) -> SplitReader:
     """The reader of one split (train, validation or test) for one rank, its files checked."""
-    spec = FeatureSpec.from_data_config(data)
+    vocab = vocabulary.load(data) if data.vocabulary else None
+    spec = FeatureSpec.from_data_config(data, vocab)
     pieces, row_filter, where = split_pieces(data, split)
     if not pieces:
         raise DataError(
@@ -193,7 +195,7 @@ def open_split(
     check_pieces(pieces, spec, data)
     return SplitReader(
         pieces,
-        BatchConverter(spec, data.dense_fill_value, data.oov, quality, data.missing_id),
+        BatchConverter(spec, data.dense_fill_value, data.oov, quality, data.missing_id, vocab),
         data.batch_size if train else data.eval_batch_size,
         row_filter=row_filter,
         rank=rank,

@@ -17,8 +17,12 @@ class FeatureSpec:
     categorical: tuple[tuple[str, int], ...]
 
     @classmethod
-    def from_data_config(cls, data: DataConfig) -> FeatureSpec:
-        return cls(data.label, data.task, tuple(data.dense), tuple(data.tables.items()))
+    def from_data_config(cls, data: DataConfig, vocab: dict | None = None) -> FeatureSpec:
+        """Table sizes from config, or from the vocabularies when data.vocabulary is set."""
+        tables = data.tables
+        if vocab is not None:
+            tables = {name: vocab[name].table_rows for name in tables}
+        return cls(data.label, data.task, tuple(data.dense), tuple(tables.items()))
 
     @property
     def categorical_names(self) -> list[str]:

@@ -31,7 +31,6 @@ from recsys.distributed import (
     shard,
 )
 from recsys.errors import ConfigError, RecsysError
-from recsys.features import FeatureSpec
 from recsys.metrics import DEFAULT_METRIC, TASK_METRICS
 from recsys.objectives import (
     RUN_MEASURES,
@@ -101,7 +100,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         val = open_split(data, "validation", quality, False, tcfg.max_eval_batches)
     if data.test:
         test = open_split(data, "test", quality, False, tcfg.max_eval_batches)
-    spec = FeatureSpec.from_data_config(data)
+    spec = train.converter.spec  # table sizes from config or the vocabularies
 
     init_process_group(device)
     model = instantiate(cfg.model, _partial_=True, _convert_="all")(features=spec, device="meta")

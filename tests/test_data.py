@@ -267,3 +267,29 @@ def test_prefetch_hands_errors_to_the_consumer():
     assert next(it) == 1
     with pytest.raises(DataError, match="bad row"):
         next(it)
+
+
+def test_vocabulary_sizes_tables_and_maps_ids_by_frequency(tmp_path):
+    from recsys import vocabulary
+
+    n = 12
+    t = pa.table({
+        "y": np.zeros(n, np.int8), "x": np.zeros(n),
+        "a": pa.array([7, 7, 7, 5, 5, 900, 7, 5, 3, 7, None, 5]),
+        "tags": pa.array([["red"], ["blue", "red"], [], None, ["red"], ["green"]] * 2),
+    })  # fmt: skip
+    write(tmp_path / "train", t)
+    data = config(tmp_path, categorical=["a", "tags"], vocabulary=True, vocabulary_min_count=2)
+    with pytest.raises(DataError, match=r"has no vocabulary .*python -m recsys.vocabulary"):
+        open_split(data, "train", DataQuality(), train=True)
+    index = vocabulary.build(data)
+    assert index["columns"]["a"] == {"distinct": 4, "kept": 2, "table_rows": 3}
+    assert index["columns"]["tags"] == {"distinct": 3, "kept": 3, "table_rows": 4}
+    reader = open_split(data, "train", DataQuality(), train=True)
+    assert dict(reader.converter.spec.categorical) == {"a": 3, "tags": 4}
+    b = BatchConverter(reader.converter.spec, 0.0, OovPolicy.mod, DataQuality(),
+                       vocab=reader.converter.vocab)(t, "mem")  # fmt: skip
+    # a: 7 (5 times) -> row 1, 5 (4 times) -> row 2; 900 and 3 (once each, < min_count) -> 0
+    assert b.sparse_features["a"].values().tolist() == [1, 1, 1, 2, 2, 0, 1, 2, 0, 1, 2]
+    # tags: red (6) -> 1, blue (2) and green (2): ties broken by value, blue -> 2, green -> 3
+    assert b.sparse_features["tags"].values().tolist()[:5] == [1, 2, 1, 1, 3]

@@ -1,0 +1,146 @@
+"""Vocabularies: per categorical column, the ids seen in the train split, most frequent first.
+
+`python -m recsys.vocabulary [data=...] [data.vocabulary_min_count=N]` counts them and writes
+<data.path>/_vocab/<column>.parquet (value, count) and vocab.json last, so a half-written
+vocabulary is never read. With `data.vocabulary=true` each table gets one row per kept id plus
+row 0 for ids not in it (unseen, or rarer than min_count), and raw ids, integers or strings,
+map to their rows by a sorted-array lookup.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import hydra
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from omegaconf import DictConfig
+
+from recsys import config as schema
+from recsys.batches import hash_strings
+from recsys.config import DataConfig
+from recsys.errors import DataError, RecsysError
+from recsys.sources import filesystem, split_pieces
+
+log = logging.getLogger("recsys")
+schema.register()
+VOCAB_DIR = "_vocab"
+INDEX = "vocab.json"
+
+
+def _keys(values: pa.Array) -> np.ndarray:
+    """One uint64 key per id: integers as they are, strings by their 64-bit FNV-1a hash."""
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        return hash_strings(values)
+    return pc.cast(values, pa.int64()).to_numpy().view(np.uint64)
+
+
+class Vocabulary:
+    """Maps a column's raw ids to table rows 1..n (0 for ids not in the vocabulary)."""
+
+    def __init__(self, values: pa.Array):
+        keys = _keys(values)
+        order = np.argsort(keys, kind="stable")
+        self.sorted_keys = keys[order]
+        self.rows = (order + 1).astype(np.int64)
+
+    @property
+    def table_rows(self) -> int:
+        return len(self.rows) + 1
+
+    def lookup(self, values: pa.Array) -> np.ndarray:
+        keys = _keys(values)
+        if not len(self.sorted_keys):
+            return np.zeros(len(keys), np.int64)
+        pos = np.minimum(np.searchsorted(self.sorted_keys, keys), len(self.sorted_keys) - 1)
+        return np.where(self.sorted_keys[pos] == keys, self.rows[pos], 0)
+
+
+def load(data: DataConfig) -> dict[str, Vocabulary]:
+    """The vocabularies of data.path's categorical columns, as `recsys.vocabulary` wrote them."""
+    fs, root = filesystem(data.path, data.s3)
+    index_path = f"{root}/{VOCAB_DIR}/{INDEX}"
+    try:
+        with fs.open_input_stream(index_path) as f:
+            index = json.loads(f.read())
+    except (FileNotFoundError, OSError):
+        raise DataError(
+            f"data.vocabulary=true but {data.path} has no vocabulary ({VOCAB_DIR}/{INDEX}): "
+            "run `python -m recsys.vocabulary` with the same data overrides first"
+        ) from None
+    missing = [c for c in data.tables if c not in index["columns"]]
+    if missing:
+        raise DataError(
+            f"the vocabulary in {data.path}/{VOCAB_DIR} lacks column(s) {missing}: run "
+            "`python -m recsys.vocabulary` again with the current data.categorical"
+        )
+    out = {}
+    for name in data.tables:
+        with fs.open_input_file(f"{root}/{VOCAB_DIR}/{name}.parquet") as f:
+            out[name] = Vocabulary(pq.read_table(f, columns=["value"]).column(0).combine_chunks())
+    return out
+
+
+def build(data: DataConfig) -> dict:
+    """Count every categorical column's ids over the train split and write the vocabularies."""
+    columns = list(data.tables)
+    pieces, row_filter, where = split_pieces(data, "train")
+    counts: dict[str, list[pa.Table]] = {c: [] for c in columns}
+    rows = 0
+    for piece in pieces:
+        for rb in piece.fragment.to_batches(schema=piece.schema, columns=columns,
+                                             filter=row_filter, batch_size=1 << 16):  # fmt: skip
+            rows += rb.num_rows
+            for c in columns:
+                col = rb.column(c)
+                if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+                    col = pc.list_flatten(col)
+                vc = pc.value_counts(col.drop_null())
+                counts[c].append(pa.table({"value": vc.field(0), "count": vc.field(1)}))
+            if sum(len(t) for t in counts[columns[0]]) > 1 << 22:
+                counts = {c: [_merge(ts)] for c, ts in counts.items()}
+    fs, root = filesystem(data.path, data.s3)
+    fs.create_dir(f"{root}/{VOCAB_DIR}", recursive=True)
+    index: dict = {"split": "train", "rows": rows, "min_count": data.vocabulary_min_count,
+                   "columns": {}}  # fmt: skip
+    for c in columns:
+        table = _merge(counts[c])
+        kept = table.filter(pc.greater_equal(table["count"], data.vocabulary_min_count))
+        with fs.open_output_stream(f"{root}/{VOCAB_DIR}/{c}.parquet") as f:
+            pq.write_table(kept, f)
+        index["columns"][c] = {"distinct": len(table), "kept": len(kept),
+                               "table_rows": len(kept) + 1}  # fmt: skip
+    with fs.open_output_stream(f"{root}/{VOCAB_DIR}/{INDEX}") as f:
+        f.write(json.dumps(index, indent=2).encode())
+    log.info("vocabularies of %s written to %s/%s", where, data.path, VOCAB_DIR)
+    return index
+
+
+def _merge(tables: list[pa.Table]) -> pa.Table:
+    """Sum counts per value; most frequent first, ties by value, so the order is stable."""
+    if not tables:
+        return pa.table({"value": pa.array([], pa.int64()), "count": pa.array([], pa.int64())})
+    merged = pa.concat_tables(tables).group_by("value").aggregate([("count", "sum")])
+    merged = merged.rename_columns(["value", "count"])
+    return merged.sort_by([("count", "descending"), ("value", "ascending")])
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    """Entry point: counts over the configured data's train split; the model is not used."""
+    try:
+        index = build(schema.to_object(cfg).data)
+    except RecsysError as e:
+        log.error("error: %s", e)
+        raise SystemExit(2) from None
+    width = max(len(c) for c in index["columns"])
+    for c, v in index["columns"].items():
+        log.info("%-*s  %10d distinct  %10d kept  -> %d table rows", width, c, v["distinct"],
+                 v["kept"], v["table_rows"])  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
