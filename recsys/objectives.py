@@ -44,7 +44,7 @@ def objective_entries(names: list[str], validation: dict[str, float], run: dict)
             "value": float(run[name] if name in RUN_MEASURES else validation.get(name, math.nan)),
             "higher_is_better": RUN_MEASURES[name]
             if name in RUN_MEASURES
-            else HIGHER_IS_BETTER[name],
+            else HIGHER_IS_BETTER[name.partition("@")[0]],  # recall@k goes by recall
         }
         for name in names
     ]
