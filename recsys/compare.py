@@ -115,10 +115,9 @@ def table(runs: list[Run], keys: list[str]) -> str:
         name = os.path.relpath(r.path, common) if common else str(r.path)
         values = [_shown(r.value(i)) for i in range(n_obj)]
         val = [_shown(r.metrics.get("validation", {}).get(m, math.nan)) for m in metric_names]
-        speed = _shown(float(r.metrics.get("train", {}).get("samples_per_s", math.nan)))
-        rows.append(
-            [name, r.status, *values, *val, speed, *(_shown(r.config.get(k)) for k in keys)]
-        )
+        speed = r.metrics.get("train", {}).get("samples_per_s")
+        params = [_shown(r.config.get(k)) for k in keys]
+        rows.append([name, r.status, *values, *val, f"{speed:,.0f}" if speed else "-", *params])
     return format_table(header, rows)
 
 
