@@ -135,11 +135,12 @@ def plot_history(runs: list[Run], out: Path) -> Path:
         value = run.value()
         if math.isnan(value):
             continue
+        x = int(run.path.name) if run.path.name.isdigit() else i  # a sweep job: its trial
         style = {"complete": ("o", "tab:blue"), "pruned": ("x", "tab:gray")}[run.status]
-        ax.scatter(i, value, marker=style[0], color=style[1])
+        ax.scatter(x, value, marker=style[0], color=style[1])
         if run.status == "complete":
             best = value if best is None else (max if higher else min)(best, value)
-            xs.append(i)
+            xs.append(x)
             bests.append(best)
     ax.step(xs, bests, where="post", color="tab:red", label="best so far")
     name = next((r.objectives[0]["metric"] for r in runs if r.objectives), "objective")
