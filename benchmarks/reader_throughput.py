@@ -101,7 +101,8 @@ def main() -> None:
     except (ImportError, RuntimeError) as e:
         print(f"s3 parquet: skipped ({e})")
     try:
-        print(f"{'source':<15} {'threads':>7} {'raw scan rows/s':>16} {'ours rows/s':>12} {'ratio':>6}")
+        head = ("source", "threads", "raw scan rows/s", "ours rows/s", "ratio")
+        print(f"{head[0]:<15} {head[1]:>7} {head[2]:>16} {head[3]:>12} {head[4]:>6}")
         for name, (data, fs, root) in cases.items():
             for threads in args.threads:
                 data.read_threads = threads

@@ -57,7 +57,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_recsys(path: Path) -> dict:
+def run_recsys(path: Path, model: str = "deepfm") -> dict:
     """Train with recsys's own entry path (config -> reader -> DMP -> trainer)."""
     from hydra import compose, initialize_config_dir
 
@@ -73,9 +73,9 @@ def run_recsys(path: Path) -> dict:
         f"data.dense=[{','.join(f'd{i}' for i in range(N_DENSE))}]",
         "data.categorical=[" + ",".join(f"{k}:{v}" for k, v in cats.items()) + "]",
         f"data.batch_size={BATCH}",
-        "model=deepfm",
+        f"model={model}",
         f"model.embedding_dim={DIM}",
-        f"model.hidden=[{','.join(map(str, HIDDEN))}]",
+        *([f"model.hidden=[{','.join(map(str, HIDDEN))}]"] if model in ("deepfm", "mlp") else []),
         "trainer.max_epochs=1",
         "trainer.eval_every_steps=null",
         "trainer.progress_bar=false",
@@ -155,8 +155,8 @@ def run_baseline(path: Path) -> dict:
     return {"samples_per_s": len(labels) / seconds, "seconds": seconds}
 
 
-def child(variant: str, path: Path) -> None:
-    result = run_recsys(path) if variant == "recsys" else run_baseline(path)
+def child(variant: str, path: Path, model: str) -> None:
+    result = run_recsys(path, model) if variant == "recsys" else run_baseline(path)
     result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -192,9 +192,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--child", choices=["recsys", "baseline"], help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--model", default="deepfm", help="recsys's model in a --child run")
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.data)
+        child(args.child, args.data, args.model)
         return
     path = ensure_data(args.rows)
     runs: dict[str, list[dict]] = {"recsys": [], "baseline": []}
