@@ -45,12 +45,13 @@ def quiet_torchrec() -> None:
 
 def _export_submitit_env() -> None:
     """In a multi-task submitit job (SLURM or local), set torch.distributed's env:// variables."""
-    if "WORLD_SIZE" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
+    if "SUBMITIT_EXECUTOR" not in os.environ:
         return
     import submitit
 
-    if submitit.JobEnvironment().num_tasks > 1:
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    if submitit.JobEnvironment().num_tasks > 1:  # the job's layout wins over inherited variables
+        env = submitit.helpers.TorchDistributedEnvironment()
+        env.export(set_cuda_visible_devices=False, overwrite=True)
 
 
 def resolve_device(device: Device) -> torch.device:
