@@ -237,6 +237,34 @@ class MLPConfig(DNNConfig):
 
 
 @dataclass
+class TwoTowerConfig(DNNConfig):
+    """User and item towers over their own columns; trained by in-batch sampled softmax."""
+
+    _target_: str = "recsys.two_tower.TwoTower"
+    hidden: list[int] = field(default_factory=lambda: [128])
+    dropout: float = 0.0
+    # data columns (dense or categorical) of each tower; every data column is in one of them
+    user_features: list[str] = field(default_factory=list)
+    item_features: list[str] = field(default_factory=list)
+    user_id: str | None = None  # the key of user embeddings (recsys.predict)
+    item_id: str = MISSING  # ids the item: the corpus is every item id in the data
+    output_dim: int = 64
+    temperature: float = 0.05
+    logq_correction: bool = True
+    remove_accidental_hits: bool = True
+    top_k: list[int] = field(default_factory=lambda: [10, 50, 100])  # recall@k, NDCG@k
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive("model.output_dim", self.output_dim)
+        _positive("model.temperature", self.temperature)
+        if not self.top_k:
+            raise ConfigError("model.top_k is empty: give the cutoffs k of recall@k, e.g. [10]")
+        for i, k in enumerate(self.top_k):
+            _positive(f"model.top_k[{i}]", k)
+
+
+@dataclass
 class DenseOptimizerConfig:
     """A torch optimizer for the dense (non-embedding) parameters."""
 
@@ -357,6 +385,55 @@ class TrainConfig:
     objective: Any = None
 
 
+class Split(Enum):
+    train = "train"
+    validation = "validation"
+    test = "test"
+
+
+class Embeddings(Enum):
+    """Which tower of a two-tower model `recsys.predict` writes."""
+
+    user = "user"
+    item = "item"
+
+
+@dataclass
+class RunInputConfig:
+    """A finished run and the data to run it on."""
+
+    run: str = MISSING  # a run dir of `recsys.train`
+    data: DataConfig | None = None  # null: the run's own data config
+    split: Split = Split.test
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive("threads", self.threads)
+
+
+@dataclass
+class EvaluateConfig(RunInputConfig):
+    """The root config of `python -m recsys.evaluate`."""
+
+    output: str | None = None  # null: <run>/eval.json
+
+
+@dataclass
+class PredictConfig(RunInputConfig):
+    """The root config of `python -m recsys.predict`."""
+
+    output: str = MISSING  # a directory, created (it must not exist yet)
+    paths: list[str] | None = None  # files to read instead of the split's, relative to data.path
+    embeddings: Embeddings | None = None  # two-tower: user or item vectors
+    # input columns copied to the output; null: the tower's id column, or none for scores
+    keys: list[str] | None = None
+    batch_size: int | None = None  # null: data.eval_batch_size
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive("batch_size", self.batch_size)
+
+
 def demo_dir(name: str = "ctr-v1") -> str:
     """Where an embedded demo data set is generated (once) and cached."""
     root = os.environ.get("RECSYS_CACHE") or Path.home() / ".cache" / "recsys"
@@ -372,6 +449,8 @@ def register() -> None:
         )
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="predict_schema", node=PredictConfig)
     cs.store(group="schema/data", name="s3_parquet", node=S3ParquetDataConfig)
     cs.store(group="schema/trainer", name="default", node=TrainerConfig)
     for name, node in [
@@ -379,6 +458,7 @@ def register() -> None:
         ("lr", LRConfig),
         ("deepfm", DeepFMConfig),
         ("mlp", MLPConfig),
+        ("two_tower", TwoTowerConfig),
     ]:
         cs.store(group="schema/model", name=name, node=node)
 

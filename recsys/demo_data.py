@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.orc as orc
 import pyarrow.parquet as pq
 
+from recsys import interactions_demo
 from recsys.config import demo_dir
 from recsys.metrics import binary_auc
 
@@ -232,10 +234,17 @@ def generate(out: str | Path, spec: DemoSpec) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# Each embedded demo set by its cache dir name, and how it is written there.
 DEMOS = {
-    "ctr-v1": DemoSpec(),
-    "ctr-orc-v1": DemoSpec(
-        rows={"train": 1_000_000, "validation": 100_000, "test": 100_000}, layout="recis_orc"
+    "ctr-v1": partial(generate, spec=DemoSpec()),
+    "ctr-orc-v1": partial(
+        generate,
+        spec=DemoSpec(
+            rows={"train": 1_000_000, "validation": 100_000, "test": 100_000}, layout="recis_orc"
+        ),
+    ),
+    interactions_demo.NAME: partial(
+        interactions_demo.generate, spec=interactions_demo.InteractionSpec()
     ),
 }
 
@@ -248,7 +257,7 @@ def ensure_demo(path: str | Path) -> dict | None:
         return None
     if not (path / INFO_FILE).exists():
         print(f"generating the demo data set into {path} (once) ...", flush=True)
-        generate(path, DEMOS[name])
+        DEMOS[name](path)
     return json.loads((path / INFO_FILE).read_text())
 
 

@@ -32,6 +32,12 @@ class FeatureSpec:
     def columns(self) -> list[str]:
         return [self.label, *self.dense, *self.categorical_names]
 
+    def only(self, columns: list[str]) -> FeatureSpec:
+        """The same label with just these dense and categorical columns, in this spec's order."""
+        dense = tuple(c for c in self.dense if c in columns)
+        categorical = tuple((c, rows) for c, rows in self.categorical if c in columns)
+        return FeatureSpec(self.label, self.task, dense, categorical)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["task"] = self.task.value

@@ -8,9 +8,22 @@ import torch
 from recsys.config import Task
 
 # Whether a larger value of each metric is better (used by early stopping and objectives).
-HIGHER_IS_BETTER = {"auc": True, "logloss": False, "ne": False, "rmse": False, "mae": False}
-DEFAULT_METRIC = {Task.binary: "auc", Task.regression: "rmse"}
+HIGHER_IS_BETTER = {
+    "auc": True,
+    "logloss": False,
+    "ne": False,
+    "rmse": False,
+    "mae": False,
+    "recall": True,
+    "ndcg": True,
+}
+# Each task's metrics, its main one first.
 TASK_METRICS = {Task.binary: ("auc", "logloss", "ne"), Task.regression: ("rmse", "mae")}
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of a metric is better; recall@k, ndcg@k go by their name."""
+    return HIGHER_IS_BETTER[metric.partition("@")[0]]
 
 
 def binary_auc(scores: np.ndarray, labels: np.ndarray) -> float:

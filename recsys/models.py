@@ -27,8 +27,10 @@ def fm_pairwise(fields: torch.Tensor) -> torch.Tensor:
     return 0.5 * (fields.sum(1).pow(2) - fields.pow(2).sum(1)).sum(1)
 
 
-def mlp(inputs: int, hidden: list[int], dropout: float, batch_norm: bool) -> nn.Sequential:
-    """Hidden layers (Linear, [BatchNorm], ReLU, [Dropout]) and a Linear to one logit."""
+def mlp(
+    inputs: int, hidden: list[int], dropout: float, batch_norm: bool, outputs: int = 1
+) -> nn.Sequential:
+    """Hidden layers (Linear, [BatchNorm], ReLU, [Dropout]) and a Linear to `outputs` values."""
     layers: list[nn.Module] = []
     for width in hidden:
         layers.append(nn.Linear(inputs, width))
@@ -38,7 +40,7 @@ def mlp(inputs: int, hidden: list[int], dropout: float, batch_norm: bool) -> nn.
         if dropout:
             layers.append(nn.Dropout(dropout))
         inputs = width
-    layers.append(nn.Linear(inputs, 1))
+    layers.append(nn.Linear(inputs, outputs))
     return nn.Sequential(*layers)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from recsys.distributed import agree, is_rank0
 from recsys.errors import ConfigError
-from recsys.metrics import HIGHER_IS_BETTER
+from recsys.metrics import higher_is_better
 
 # Objectives measured on the run itself rather than on the validation split.
 RUN_MEASURES = {"parameters": False, "samples_per_s": True}
@@ -44,7 +44,7 @@ def objective_entries(names: list[str], validation: dict[str, float], run: dict)
             "value": float(run[name] if name in RUN_MEASURES else validation.get(name, math.nan)),
             "higher_is_better": RUN_MEASURES[name]
             if name in RUN_MEASURES
-            else HIGHER_IS_BETTER[name.partition("@")[0]],  # recall@k goes by recall
+            else higher_is_better(name),
         }
         for name in names
     ]

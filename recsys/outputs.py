@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,21 @@ def write_atomic(path: Path, write: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_dir_atomic(path: Path, fill: Any) -> Any:
+    """Fill a temporary directory beside path through `fill(tmp_dir)`, then rename it into place.
+
+    The rename fails (OSError) if path exists and is not empty; returns what fill returned.
+    """
+    tmp = path.parent / f".{path.name}.{os.urandom(4).hex()}.tmp"
+    tmp.mkdir(parents=True)  # unlike mkdtemp's 0700, the umask's permissions
+    try:
+        result = fill(tmp)
+        os.rename(tmp, path)
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(path: Path, text: str) -> None:

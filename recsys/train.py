@@ -31,7 +31,6 @@ from recsys.distributed import (
     shard,
 )
 from recsys.errors import ConfigError, RecsysError
-from recsys.metrics import DEFAULT_METRIC, TASK_METRICS
 from recsys.objectives import (
     RUN_MEASURES,
     objective_entries,
@@ -49,18 +48,19 @@ from recsys.outputs import (
     summary_table,
     write_json,
 )
+from recsys.tasks import task_for
 from recsys.trainer import Trainer
 
 log = logging.getLogger("recsys")
 schema.register()
 
 
-def _metric(name: str | None, task: schema.Task, key: str) -> str:
-    """A metric name the task has, defaulting to the task's main metric."""
-    name = name or DEFAULT_METRIC[task]
-    if name not in TASK_METRICS[task]:
+def _metric(name: str | None, metrics: tuple[str, ...], key: str) -> str:
+    """A metric name the model's task has, defaulting to its main metric."""
+    name = name or metrics[0]
+    if name not in metrics:
         raise ConfigError(
-            f"{key}={name} is not a {task.value} metric: use one of {', '.join(TASK_METRICS[task])}"
+            f"{key}={name} is not a metric of this model: use one of {', '.join(metrics)}"
         )
     return name
 
@@ -76,12 +76,6 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     start = time.perf_counter()
     typed = schema.to_object(cfg)
     data, tcfg = typed.data, typed.trainer
-    task = data.task
-    objectives = objective_names(typed.objective, TASK_METRICS[task])
-    objective = next((n for n in objectives if n not in RUN_MEASURES), None)
-    monitor = _metric(
-        tcfg.early_stopping.metric or objective, task, "trainer.early_stopping.metric"
-    )
     if data.validation is None and tcfg.early_stopping.enabled:
         raise ConfigError(
             "trainer.early_stopping.enabled=true needs a validation split (data.validation)"
@@ -104,6 +98,12 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
     init_process_group(device)
     model = instantiate(cfg.model, _partial_=True, _convert_="all")(features=spec, device="meta")
+    task = task_for(model, data)
+    objectives = objective_names(typed.objective, task.metrics)
+    objective = next((n for n in objectives if n not in RUN_MEASURES), None)
+    monitor = _metric(
+        tcfg.early_stopping.metric or objective, task.metrics, "trainer.early_stopping.metric"
+    )
     model = shard(model, device, tcfg.sparse_optimizer, tcfg.sharding)
     dense_opt = instantiate(cfg.trainer.dense_optimizer, params=dense_parameters(model))
     if is_rank0():

@@ -11,22 +11,16 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.tensorboard import SummaryWriter
 from torchrec.datasets.utils import Batch
 from tqdm import tqdm
 
-from recsys.config import LrDecay, LrScheduleConfig, Task, TrainerConfig
+from recsys.config import LrDecay, LrScheduleConfig, TrainerConfig
 from recsys.errors import RecsysError
-from recsys.metrics import HIGHER_IS_BETTER, Accumulator
+from recsys.metrics import higher_is_better
+from recsys.tasks import TrainingTask, evaluate
 
 log = logging.getLogger(__name__)
-
-
-def loss_fn(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    if task is Task.binary:
-        return F.binary_cross_entropy_with_logits(logits, labels)
-    return F.mse_loss(logits, labels)
 
 
 def lr_factor(schedule: LrScheduleConfig, step: int, total_steps: int) -> float:
@@ -57,7 +51,7 @@ class EarlyStopping:
 
     def update(self, value: float, step: int) -> bool:
         """Record an evaluation; True when training should stop."""
-        sign = 1.0 if HIGHER_IS_BETTER[self.metric] else -1.0
+        sign = 1.0 if higher_is_better(self.metric) else -1.0
         if self.best is None or sign * (value - self.best) > self.min_delta:
             self.best, self.best_step, self.bad_evals = value, step, 0
         else:
@@ -90,7 +84,7 @@ class Trainer:
         model: nn.Module,
         dense_optimizer: torch.optim.Optimizer,
         cfg: TrainerConfig,
-        task: Task,
+        task: TrainingTask,
         device: torch.device,
         writer: SummaryWriter | None,
         monitor: str,
@@ -148,8 +142,7 @@ class Trainer:
             tick = time.perf_counter()
             for batch in train:
                 batch = self._to_device(batch)
-                logits = self.model(batch.dense_features, batch.sparse_features)
-                loss = loss_fn(self.task, logits, batch.labels)
+                loss = self.task.loss(self.model, batch)
                 (loss / accum).backward()
                 result.steps += 1
                 result.first_step_at = result.first_step_at or time.time()
@@ -245,15 +238,9 @@ class Trainer:
             )
         return stop
 
-    @torch.no_grad()
     def evaluate(self, split: Iterable[Batch]) -> dict[str, float]:
         """The task's metrics of the current weights over a whole split."""
-        self.model.eval()
-        acc = Accumulator(self.task)
-        for batch in split:
-            batch = self._to_device(batch)
-            acc.add(self.model(batch.dense_features, batch.sparse_features), batch.labels)
-        return acc.result()
+        return evaluate(self.model, self.task, map(self._to_device, split), self.device)
 
     def _scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None:

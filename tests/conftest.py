@@ -28,18 +28,18 @@ def small_data(tmp_path_factory) -> Path:
     return out
 
 
-def compose_cfg(*overrides: str):
+def compose_cfg(*overrides: str, config_name: str = "train"):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+        return compose(config_name=config_name, overrides=list(overrides))
 
 
 def cli(
-    *args: str, cwd: Path | None = None, env: dict | None = None
+    *args: str, cwd: Path | None = None, env: dict | None = None, module: str = "train"
 ) -> subprocess.CompletedProcess:
-    """Run `python -m recsys.train ARGS` in a fresh process."""
+    """Run `python -m recsys.<module> ARGS` (train by default) in a fresh process."""
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "recsys.train", *args],
+        [sys.executable, "-m", f"recsys.{module}", *args],
         cwd=cwd or ROOT,
         env=full_env,
         capture_output=True,

@@ -1,0 +1,89 @@
+"""A finished training run as input: its model, and data checked against the features it knows."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from recsys import config as schema
+from recsys import vocabulary
+from recsys.config import DataConfig, RunInputConfig
+from recsys.demo_data import ensure_demo
+from recsys.distributed import quiet_torchrec
+from recsys.errors import DataError, RecsysError
+from recsys.features import FeatureSpec
+from recsys.outputs import SECRET_KEYS, load_model
+
+log = logging.getLogger("recsys")
+
+
+def _entries(spec: FeatureSpec) -> list[str]:
+    return [f"{name}:{rows}" for name, rows in spec.categorical]
+
+
+def vocab_of(data: DataConfig) -> dict | None:
+    """The vocabularies that size the tables and map the ids, when data.vocabulary is set."""
+    return vocabulary.load(data) if data.vocabulary else None
+
+
+def check_features(run_dir: Path, spec: FeatureSpec, data: DataConfig, label: bool) -> None:
+    """The data config gives the columns the model was trained on, in the same roles and order."""
+    given = FeatureSpec.from_data_config(data, vocab_of(data))
+    problems = []
+    if given.dense != spec.dense:
+        problems.append(f"data.dense is {list(given.dense)}, the model's is {list(spec.dense)}")
+    if given.categorical != spec.categorical:
+        problems.append(f"data.categorical is {_entries(given)}, the model's is {_entries(spec)}")
+    if label and (given.label, given.task) != (spec.label, spec.task):
+        problems.append(
+            f"data.label/task is {given.label}/{given.task.value}, the model's is "
+            f"{spec.label}/{spec.task.value}"
+        )
+    if problems:
+        raise DataError(
+            f"the data does not match the features the model in {run_dir} was trained on: "
+            f"{'; '.join(problems)}. Leave data= out to use the run's own data config, or give "
+            "one with these columns"
+        )
+
+
+def saved_data(run_dir: Path) -> DataConfig:
+    """The data config a run was trained with; S3 credentials masked in it come from AWS's chain."""
+    saved = OmegaConf.load(run_dir / "config.yaml").data
+    for key in SECRET_KEYS:
+        if (saved.get("s3") or {}).get(key) == "***":
+            saved.s3[key] = None
+    known = {f.name for f in fields(DataConfig)}
+    node = OmegaConf.merge(
+        OmegaConf.structured(DataConfig), {k: v for k, v in saved.items() if k in known}
+    )
+    return schema.to_object(node)
+
+
+def open_run(cfg: RunInputConfig, label: bool) -> tuple[Path, nn.Module, FeatureSpec, DataConfig]:
+    """The run's model (refused if the run has none) and the data to run it on, checked."""
+    quiet_torchrec()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.run).expanduser()
+    model, spec = load_model(run_dir)
+    data = cfg.data or saved_data(run_dir)
+    ensure_demo(data.path)
+    check_features(run_dir, spec, data, label)
+    return run_dir, model, spec, data
+
+
+def run_or_exit(run: Callable[[DictConfig], object], cfg: DictConfig) -> None:
+    """An entry point's work; a user error ends the process with one line naming the fix."""
+    try:
+        run(cfg)
+    except RecsysError as e:
+        log.error("error: %s", e)
+        sys.exit(2)

@@ -1,0 +1,86 @@
+"""What a model learns: its loss and its metrics (ranking models: per row; two-tower: retrieval)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchrec.datasets.utils import Batch
+
+from recsys.config import DataConfig, Task
+from recsys.metrics import TASK_METRICS, Accumulator
+from recsys.retrieval import Retrieval
+from recsys.two_tower import TwoTower
+
+
+class Evaluator(Protocol):
+    def add(self, batch: Batch) -> None: ...
+
+    def result(self) -> dict[str, float]: ...
+
+
+class TrainingTask(Protocol):
+    """The trainer's view of a model's learning problem."""
+
+    metrics: tuple[str, ...]  # what objective / early stopping may name; the first is the default
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
+
+    def evaluator(self, model: nn.Module, device: torch.device) -> Evaluator: ...
+
+
+def loss_fn(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if task is Task.binary:
+        return F.binary_cross_entropy_with_logits(logits, labels)
+    return F.mse_loss(logits, labels)
+
+
+class Scores:
+    """Collects a model's logits over a split and scores them against the labels."""
+
+    def __init__(self, model: nn.Module, task: Task):
+        self.model = model
+        self.accumulator = Accumulator(task)
+
+    def add(self, batch: Batch) -> None:
+        logits = self.model(batch.dense_features, batch.sparse_features)
+        self.accumulator.add(logits, batch.labels)
+
+    def result(self) -> dict[str, float]:
+        return self.accumulator.result()
+
+
+class Ranking:
+    """A logit per row against its label: cross-entropy (binary) or squared error (regression)."""
+
+    def __init__(self, task: Task):
+        self.task = task
+        self.metrics = TASK_METRICS[task]
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return loss_fn(self.task, model(batch.dense_features, batch.sparse_features), batch.labels)
+
+    def evaluator(self, model: nn.Module, device: torch.device) -> Scores:
+        return Scores(model, self.task)
+
+
+def task_for(model: nn.Module, data: DataConfig) -> TrainingTask:
+    """The learning problem of a model (before sharding) on the configured data."""
+    if isinstance(model, TwoTower):
+        return Retrieval.scan(model, data)
+    return Ranking(data.task)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, task: TrainingTask, batches: Iterable[Batch], device: torch.device
+) -> dict[str, float]:
+    """The task's metrics of the model's current weights over batches (on device)."""
+    model.eval()
+    evaluator = task.evaluator(model, device)
+    for batch in batches:
+        evaluator.add(batch)
+    return evaluator.result()
