@@ -81,8 +81,11 @@ class EmbeddingModel(nn.Module):
 
     def embed(self, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Pooled vectors [B, F, k] and first-order weights [B, F] (if any) of the features."""
-        pooled = self.ebc(sparse).values()
-        pooled = pooled.view(pooled.shape[0], self.num_sparse, self.width)
+        pooled = self.ebc(sparse)
+        keys, names = pooled.keys(), self.features.categorical_names
+        pooled = pooled.values().view(-1, self.num_sparse, self.width)
+        if keys != names:  # tables sharded over several ranks come back grouped by rank
+            pooled = pooled[:, [keys.index(name) for name in names]]
         bias = pooled[..., self.vector_dim] if self.first_order else None
         return pooled[..., : self.vector_dim], bias
 
