@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
+import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -87,16 +88,17 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     seed_everything(typed.seed)
     device = resolve_device(tcfg.device)
 
+    init_process_group(device)
     quality = DataQuality()
-    train = open_split(data, "train", quality, train=True, seed=typed.seed)
+    # each rank trains on its own share of the pieces; evaluation reads whole splits everywhere
+    train = open_split(data, "train", quality, train=True, seed=typed.seed,
+                       rank=dist.get_rank(), world_size=dist.get_world_size())  # fmt: skip
     val = test = None
     if data.validation:
         val = open_split(data, "validation", quality, False, tcfg.max_eval_batches)
     if data.test:
         test = open_split(data, "test", quality, False, tcfg.max_eval_batches)
     spec = train.converter.spec  # table sizes from config or the vocabularies
-
-    init_process_group(device)
     model = instantiate(cfg.model, _partial_=True, _convert_="all")(features=spec, device="meta")
     task = task_for(model, data)
     objectives = objective_names(typed.objective, task.metrics)
