@@ -185,7 +185,7 @@ def open_split(
     seed: int = 0,
 ) -> SplitReader:
     """The reader of one split (train, validation or test) for one rank, its files checked."""
-    vocab = vocabulary.load(data) if data.vocabulary else None
+    vocab = vocabulary.for_data(data)
     spec = FeatureSpec.from_data_config(data, vocab)
     pieces, row_filter, where = split_pieces(data, split)
     if not pieces:

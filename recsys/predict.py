@@ -24,13 +24,14 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from recsys import config as schema
+from recsys import vocabulary
+from recsys.batches import BatchConverter, DataQuality, check_schema
 from recsys.columns import pad_inputs
 from recsys.config import Embeddings, PredictConfig, SplitConfig, Task
-from recsys.data import BatchConverter, DataQuality, check_schema
 from recsys.errors import ConfigError, DataError
 from recsys.features import FeatureSpec
 from recsys.outputs import summary_table, write_dir_atomic
-from recsys.runs import open_run, run_or_exit, vocab_of
+from recsys.runs import open_run, run_or_exit
 from recsys.sources import Piece, split_pieces
 from recsys.two_tower import TwoTower
 
@@ -130,7 +131,12 @@ def run(cfg: DictConfig) -> dict:
     pieces, row_filter, where = split_pieces(data, name)
     check_columns(pieces, part, keys)
     convert = BatchConverter(
-        part, data.dense_fill_value, data.oov, DataQuality(), data.missing_id, vocab_of(data)
+        part,
+        data.dense_fill_value,
+        data.oov,
+        DataQuality(),
+        data.missing_id,
+        vocabulary.for_data(data),
     )
     batch_size = typed.batch_size or data.eval_batch_size
     read = list(dict.fromkeys([*part.dense, *part.categorical_names, *keys]))

@@ -12,9 +12,10 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
 
+from recsys.batches import DataQuality
 from recsys.columns import only_columns, pad_inputs
 from recsys.config import DataConfig
-from recsys.data import DataQuality, open_split
+from recsys.data import open_split
 from recsys.errors import DataError
 from recsys.features import FeatureSpec
 from recsys.retrieval_metrics import RankMetrics, corpus_ranks, popularity_ranks

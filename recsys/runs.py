@@ -28,14 +28,9 @@ def _entries(spec: FeatureSpec) -> list[str]:
     return [f"{name}:{rows}" for name, rows in spec.categorical]
 
 
-def vocab_of(data: DataConfig) -> dict | None:
-    """The vocabularies that size the tables and map the ids, when data.vocabulary is set."""
-    return vocabulary.load(data) if data.vocabulary else None
-
-
 def check_features(run_dir: Path, spec: FeatureSpec, data: DataConfig, label: bool) -> None:
     """The data config gives the columns the model was trained on, in the same roles and order."""
-    given = FeatureSpec.from_data_config(data, vocab_of(data))
+    given = FeatureSpec.from_data_config(data, vocabulary.for_data(data))
     problems = []
     if given.dense != spec.dense:
         problems.append(f"data.dense is {list(given.dense)}, the model's is {list(spec.dense)}")

@@ -20,7 +20,8 @@ from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
 from recsys import config as schema
-from recsys.data import DataQuality, open_split
+from recsys.batches import DataQuality
+from recsys.data import open_split
 from recsys.demo_data import ensure_demo
 from recsys.distributed import (
     dense_parameters,

@@ -59,13 +59,19 @@ class Vocabulary:
         return np.where(self.sorted_keys[pos] == keys, self.rows[pos], 0)
 
 
+def for_data(data: DataConfig) -> dict[str, Vocabulary] | None:
+    """The vocabularies when data.vocabulary is set, else None (sizes come from config)."""
+    return load(data) if data.vocabulary else None
+
+
 def load(data: DataConfig) -> dict[str, Vocabulary]:
     """The vocabularies of data.path's categorical columns, as `recsys.vocabulary` wrote them."""
     fs, root = filesystem(data.path, data.s3)
     index_path = f"{root}/{VOCAB_DIR}/{INDEX}"
     try:
         with fs.open_input_stream(index_path) as f:
-            index = json.loads(f.read())
+            text = f.read().decode()
+            index = json.loads(text)
     except (FileNotFoundError, OSError):
         raise DataError(
             f"data.vocabulary=true but {data.path} has no vocabulary ({VOCAB_DIR}/{INDEX}): "
@@ -79,9 +85,21 @@ def load(data: DataConfig) -> dict[str, Vocabulary]:
         )
     out = {}
     for name in data.tables:
-        with fs.open_input_file(f"{root}/{VOCAB_DIR}/{name}.parquet") as f:
-            out[name] = Vocabulary(pq.read_table(f, columns=["value"]).column(0).combine_chunks())
+        key = (
+            data.path,
+            text,
+            name,
+        )  # vocab.json is rewritten by every build, so it keys freshness
+        if key not in _LOADED:
+            with fs.open_input_file(f"{root}/{VOCAB_DIR}/{name}.parquet") as f:
+                values = pq.read_table(f, columns=["value"]).column(0).combine_chunks()
+            _LOADED[key] = Vocabulary(values)
+        out[name] = _LOADED[key]
     return out
+
+
+# Vocabularies already read in this process: train/validation/test readers and evaluate share them.
+_LOADED: dict[tuple[str, str, str], Vocabulary] = {}
 
 
 def build(data: DataConfig) -> dict:

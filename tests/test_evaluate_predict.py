@@ -16,7 +16,8 @@ import torch
 
 from recsys import config as schema
 from recsys import evaluate, predict
-from recsys.data import DataQuality, open_split
+from recsys.batches import DataQuality
+from recsys.data import open_split
 from recsys.errors import RecsysError
 from recsys.interactions_demo import InteractionSpec, generate
 from recsys.outputs import load_model

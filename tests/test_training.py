@@ -152,7 +152,8 @@ def test_cli_run_writes_a_complete_run_dir(small_data, tmp_path):
 import json, sys, torch.distributed as dist
 from recsys.outputs import load_model
 from recsys.config import DataConfig, Task
-from recsys.data import DataQuality, open_split
+from recsys.batches import DataQuality
+from recsys.data import open_split
 from recsys.metrics import Accumulator
 model, spec = load_model({str(run_dir)!r})
 data = DataConfig(path={str(small_data)!r}, label=spec.label, dense=list(spec.dense),
