@@ -129,6 +129,19 @@ class DataQuality:
             "out_of_range_ids": dict(self.oov_ids),
         }
 
+    @classmethod
+    def from_dict(cls, d: dict) -> DataQuality:
+        return cls(
+            Counter(d["dense_nulls_filled"]),
+            Counter(d["categorical_nulls"]),
+            Counter(d["out_of_range_ids"]),
+        )
+
+    def add(self, other: DataQuality) -> None:
+        self.dense_nulls.update(other.dense_nulls)
+        self.categorical_nulls.update(other.categorical_nulls)
+        self.oov_ids.update(other.oov_ids)
+
 
 @dataclass
 class Columns:
@@ -138,6 +151,7 @@ class Columns:
     labels: np.ndarray
     dense: np.ndarray
     ids: list[tuple[np.ndarray, np.ndarray | None]]  # (values, lengths or None: one id a row)
+    quality: DataQuality  # what converting these rows repaired
 
     def __post_init__(self) -> None:
         self.offsets = [
@@ -182,11 +196,14 @@ class BatchConverter:
         self.vocab = vocab
 
     def __call__(self, table: pa.Table, source: str) -> Batch:
-        """All rows of table as one `Batch`."""
-        return self.columns(table, source).batch(0, table.num_rows)
+        """All rows of table as one `Batch`, its repairs counted in self.quality."""
+        columns = self.columns(table, source)
+        self.quality.add(columns.quality)
+        return columns.batch(0, table.num_rows)
 
     def columns(self, table: pa.Table, source: str) -> Columns:
         """Convert many rows at once (per-column work is per call), to slice into batches."""
+        quality = DataQuality()
         labels = self._scalar(table.column(self.spec.label), self.spec.label, source)
         self._check_labels(labels, source)
         dense = np.empty((table.num_rows, len(self.spec.dense)), dtype=np.float32)
@@ -194,11 +211,14 @@ class BatchConverter:
             x = self._scalar(table.column(name), name, source)
             missing = np.isnan(x)
             if missing.any():
-                self.quality.dense_nulls[name] += int(missing.sum())
+                quality.dense_nulls[name] += int(missing.sum())
                 x[missing] = self.fill_value
             dense[:, j] = x
-        ids = [self._ids(table.column(n), n, rows, source) for n, rows in self.spec.categorical]
-        return Columns(self.spec.categorical_names, labels, dense, ids)
+        ids = [
+            self._ids(table.column(n), n, rows, source, quality)
+            for n, rows in self.spec.categorical
+        ]
+        return Columns(self.spec.categorical_names, labels, dense, ids, quality)
 
     def _scalar(self, column: pa.ChunkedArray, name: str, source: str) -> np.ndarray:
         """A float32 copy of a numeric column; a list column must hold at most one number a row."""
@@ -234,11 +254,11 @@ class BatchConverter:
             )
 
     def _ids(
-        self, column: pa.ChunkedArray, name: str, rows: int, source: str
+        self, column: pa.ChunkedArray, name: str, rows: int, source: str, quality: DataQuality
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Values and lengths of a feature; lengths None when every row holds exactly one id."""
         col = column.combine_chunks()
-        self.quality.categorical_nulls[name] += col.null_count
+        quality.categorical_nulls[name] += col.null_count
         if _is_list(col.type):
             lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy().astype(np.int64)
             flat = pc.list_flatten(col)
@@ -258,7 +278,7 @@ class BatchConverter:
             values = (hash_strings(flat) % np.uint64(rows)).astype(np.int64)
         else:
             values = flat.to_numpy().astype(np.int64, copy=False)
-            values = self._fold(values, name, rows, source)
+            values = self._fold(values, name, rows, source, quality)
         if lengths is None:
             return values, None
         if self.missing_id is not None and (lengths == 0).any():
@@ -268,7 +288,9 @@ class BatchConverter:
             lengths = np.where(empty, 1, lengths)
         return values, lengths
 
-    def _fold(self, values: np.ndarray, name: str, rows: int, source: str) -> np.ndarray:
+    def _fold(
+        self, values: np.ndarray, name: str, rows: int, source: str, quality: DataQuality
+    ) -> np.ndarray:
         outside = values.view(np.uint64) >= rows  # negative ids wrap to huge values
         if not outside.any():
             return values
@@ -280,5 +302,5 @@ class BatchConverter:
                 f"size in data.categorical ({name}:ROWS) above the largest id, or set "
                 "data.oov=mod"
             )
-        self.quality.oov_ids[name] += n
+        quality.oov_ids[name] += n
         return np.mod(values, rows)

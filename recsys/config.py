@@ -343,6 +343,23 @@ class ShardingConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """When checkpoints are written (and always at the end), how many are kept, requeue bound."""
+
+    enabled: bool = True
+    every_steps: int | None = None
+    every_minutes: float | None = 30.0
+    keep_last: int = 2
+    max_requeues: int = 3
+
+    def __post_init__(self) -> None:
+        _positive("trainer.checkpoint.every_steps", self.every_steps)
+        _positive("trainer.checkpoint.every_minutes", self.every_minutes)
+        _positive("trainer.checkpoint.keep_last", self.keep_last)
+        _positive("trainer.checkpoint.max_requeues", self.max_requeues, allow_zero=True)
+
+
+@dataclass
 class TrainerConfig:
     max_epochs: int = 1
     max_steps: int | None = None
@@ -359,6 +376,9 @@ class TrainerConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     log_every_steps: int = 50
     progress_bar: bool | None = None
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # auto: continue from the run dir's last complete checkpoint; never; or a checkpoint dir
+    resume: str = "auto"
 
     def __post_init__(self) -> None:
         _positive("trainer.max_epochs", self.max_epochs)

@@ -8,9 +8,11 @@ piece row counts alone, since TorchRec collectives hang when one rank runs out f
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -41,6 +43,16 @@ def check_pieces(pieces: list[Piece], spec: FeatureSpec, data: DataConfig) -> No
             check_ranges(path, piece.fragment.metadata, spec, data.oov)
 
 
+@dataclass
+class _Item:
+    """A worker's batch (None while fast-forwarding), the repairs of its window (on its first
+    batch), and the pieces its window came from."""
+
+    batch: Batch | None
+    quality: DataQuality | None
+    sources: list[str]
+
+
 class SplitReader:
     """One split as an iterable of `Batch`es for one rank; `len()` is the same on every rank."""
 
@@ -69,7 +81,7 @@ class SplitReader:
         self.seed = seed
         self.drop_remainder = drop_remainder or world_size > 1
         self.max_batches = max_batches
-        self.epoch = 0
+        self.position: dict = {}  # where iteration stands: epoch, batches taken per worker, pieces
         self.shares = [self._share(pieces, r) for r in range(world_size)]
         self.num_rows = sum(p.rows for share in self.shares[rank] for p in share)
         counts = [
@@ -92,33 +104,66 @@ class SplitReader:
         return self._len
 
     def __iter__(self) -> Iterator[Batch]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
+        return self.iterate(0)
+
+    def iterate(self, epoch: int, position: dict | None = None) -> Iterator[Batch]:
+        """The batches of one epoch (its shuffle), from the start or from a saved `position`."""
+        share = self.shares[self.rank]
+        workers = [{"batches": 0, "pieces": []} for _ in share]
+        start = {"epoch": epoch, "batches": 0, "workers": workers}
+        self.position = copy.deepcopy(position) if position else start
+        skips = [w["batches"] for w in self.position["workers"]]
         streams = [
-            prefetched(self._worker(share, epoch, w), self.prefetch)
-            for w, share in enumerate(self.shares[self.rank])
+            prefetched(self._worker(pieces, epoch, w, skips[w]), self.prefetch)
+            for w, pieces in enumerate(share)
         ]
         return self._interleave(streams)
 
-    def _interleave(self, streams: list[Iterator[Batch]]) -> Iterator[Batch]:
+    def resume_position(self, saved: dict, saved_len: int) -> dict:
+        """`saved` (a position of a reader with other ranks or workers) mapped onto this reader.
+
+        Pieces are dealt differently, so the epoch restarts its data and skips the same fraction
+        of its batches: the run goes on, but is not the one the saved layout would have made.
+        """
+        workers = [{"batches": 0, "pieces": []} for _ in self.shares[self.rank]]
+        drop = saved["batches"] * self._len // max(saved_len, 1)
+        return {"epoch": saved["epoch"], "batches": 0, "workers": workers, "drop": drop}
+
+    def _interleave(self, streams: list[Iterator[_Item]]) -> Iterator[Batch]:
         """Take one batch from each live worker in turn, up to len(self) batches."""
-        live, n = list(streams), 0
+        pos = self.position
+        live, n = list(enumerate(streams)), 0
+        drop = pos.pop("drop", 0)
         try:
             while live and n < self._len:
-                for s in list(live):
+                for w, s in list(live):
                     if n >= self._len:
                         break
-                    b = next(s, None)
-                    if b is None:
-                        live.remove(s)
+                    item = next(s, None)
+                    if item is None:
+                        live.remove((w, s))
                         continue
                     n += 1
-                    yield b
+                    if item.batch is None:  # fast-forwarded, already counted in the position
+                        continue
+                    if item.quality is not None:
+                        self.converter.quality.add(item.quality)
+                    pos["batches"] += 1
+                    pos["workers"][w]["batches"] += 1
+                    pos["workers"][w]["pieces"] = item.sources
+                    if drop:
+                        drop -= 1
+                        continue
+                    yield item.batch
         finally:
             for s in streams:
                 s.close()
 
-    def _worker(self, pieces: list[Piece], epoch: int, worker: int) -> Iterator[Batch]:
-        """Batches of one worker's pieces, shuffled in windows when shuffle_buffer > 0."""
+    def _worker(self, pieces: list[Piece], epoch: int, worker: int, skip: int) -> Iterator[_Item]:
+        """Batches of one worker's pieces, shuffled in windows when shuffle_buffer > 0.
+
+        The first `skip` batches are replayed (read and shuffled as before) but not converted.
+        """
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
         if self.shuffle_buffer:
             pieces = [pieces[i] for i in rng.permutation(len(pieces))]
@@ -137,7 +182,7 @@ class SplitReader:
                 if self.shuffle_buffer:
                     table = table.take(rng.permutation(n))
                 full = n - n % self.batch_size
-                yield from self._emit(table.slice(0, full), sources)
+                skip = yield from self._emit(table.slice(0, full), sources, skip)
                 rest = table.slice(full)
                 pending, n, sources = rest.to_batches(), rest.num_rows, sources[-1:]
         if n:
@@ -146,7 +191,7 @@ class SplitReader:
                 table = table.take(rng.permutation(n))
             if self.drop_remainder:
                 table = table.slice(0, n - n % self.batch_size)
-            yield from self._emit(table, sources)
+            yield from self._emit(table, sources, skip)
 
     def _read_all(self, pieces: list[Piece]) -> Iterator[tuple[Piece, pa.RecordBatch]]:
         for piece in pieces:
@@ -167,10 +212,22 @@ class SplitReader:
         except OSError as e:
             raise s3_error(e, piece.name) from None
 
-    def _emit(self, table: pa.Table, sources: list[str]) -> Iterator[Batch]:
+    def _emit(self, table: pa.Table, sources: list[str], skip: int) -> Generator:
+        """The table's batches, the first `skip` as placeholders; returns how many remain."""
+        starts = range(0, table.num_rows, self.batch_size)
+        if skip >= len(starts):
+            for _ in starts:
+                yield _Item(None, None, sources)
+            return skip - len(starts)
         columns = self.converter.columns(table, " or ".join(sources))
-        for start in range(0, table.num_rows, self.batch_size):
-            yield columns.batch(start, min(start + self.batch_size, table.num_rows))
+        for i, start in enumerate(starts):
+            if i < skip:
+                yield _Item(None, None, sources)
+                continue
+            batch = columns.batch(start, min(start + self.batch_size, table.num_rows))
+            # a window's repairs count once, with its first batch (before any checkpoint of it)
+            yield _Item(batch, columns.quality if i == 0 else None, sources)
+        return 0
 
 
 def open_split(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,7 @@ from recsys.config import (
 from recsys.errors import ConfigError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SPARSE_OPTIMIZERS = {
     SparseOptimizer.rowwise_adagrad: RowWiseAdagrad,
@@ -81,11 +83,11 @@ def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def agree(flag: bool) -> bool:
-    """Rank 0's flag, on every rank (so all ranks stop together)."""
+def agree(value: T) -> T:
+    """Rank 0's value, on every rank (so all ranks stop together, write to one run dir)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    holder = [flag]
+        return value
+    holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
 

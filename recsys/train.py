@@ -19,11 +19,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
+from recsys import checkpoint
 from recsys import config as schema
 from recsys.batches import DataQuality
 from recsys.data import open_split
 from recsys.demo_data import ensure_demo
 from recsys.distributed import (
+    agree,
     dense_parameters,
     full_state_dict,
     init_process_group,
@@ -49,9 +51,11 @@ from recsys.outputs import (
     secrets,
     summary_table,
     write_json,
+    write_text,
 )
+from recsys.preemption import EXIT_PREEMPTED, Preempted, Preemption
 from recsys.tasks import task_for
-from recsys.trainer import Trainer
+from recsys.trainer import Checkpointing, Trainer
 
 log = logging.getLogger("recsys")
 schema.register()
@@ -90,6 +94,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     device = resolve_device(tcfg.device)
 
     init_process_group(device)
+    run_dir = Path(agree(str(run_dir)))  # rank 0's, should ranks' clocks name it differently
     quality = DataQuality()
     # each rank trains on its own share of the pieces; evaluation reads whole splits everywhere
     train = open_split(data, "train", quality, train=True, seed=typed.seed,
@@ -107,10 +112,16 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     monitor = _metric(
         tcfg.early_stopping.metric or objective, task.metrics, "trainer.early_stopping.metric"
     )
+    description = checkpoint.describe(model)
     model = shard(model, device, tcfg.sparse_optimizer, tcfg.sharding)
     dense_opt = instantiate(cfg.trainer.dense_optimizer, params=dense_parameters(model))
+    checkpoints = run_dir / "checkpoints"
+    restored = checkpoint.restore(
+        checkpoint.candidates(checkpoints, tcfg.resume), model, dense_opt, description
+    )
     if is_rank0():
         save_config(run_dir, cfg)
+        write_text(run_dir / "sharding_plan.txt", str(model.plan).strip() + "\n")
     writer = SummaryWriter(log_dir=str(run_dir)) if is_rank0() else None
     log.info(
         "training %s on %s: %d train rows, %d steps/epoch, batch %d, device %s",
@@ -121,8 +132,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         data.batch_size,
         device,
     )
-    trainer = Trainer(model, dense_opt, tcfg, task, device, writer, monitor)
-    fit = trainer.fit(train, val, pruning_callback(objectives[0]))
+    with Preemption() as preemption:
+        ckpt = Checkpointing(checkpoints, description, preemption, run_dir)
+        trainer = Trainer(model, dense_opt, tcfg, task, device, writer, monitor, ckpt)
+        fit = trainer.fit(train, val, pruning_callback(objectives[0]), restored)
     val_metrics = fit.evaluations[-1] if fit.evaluations else {}
     val_metrics = {k: v for k, v in val_metrics.items() if k != "step"}
     test_metrics = trainer.evaluate(test) if test is not None else {}
@@ -147,6 +160,8 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             "stopped_early": fit.stopped_early,
             "first_step_at": fit.first_step_at,
             "evaluations": fit.evaluations,
+            "losses": fit.losses,
+            "preemptions": fit.preemptions,
         },
         "wall_time_s": wall,
         "data_quality": quality.to_dict(),
@@ -193,6 +208,11 @@ def main(cfg: DictConfig) -> float:
     mask_in_files(run_dir / HydraConfig.get().output_subdir, secrets(cfg))
     try:
         return run(cfg, run_dir)
+    except Preempted as e:
+        if HydraConfig.get().mode is RunMode.MULTIRUN:
+            raise
+        log.warning("%s", e)
+        sys.exit(EXIT_PREEMPTED)
     except RecsysError as e:
         if HydraConfig.get().mode is RunMode.MULTIRUN:
             raise
