@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from recsys.errors import ConfigError, RecsysError
 from recsys.outputs import write_json
@@ -73,6 +74,14 @@ def check_compatible(manifest: dict, expected: dict, path: Path) -> None:
             "use the config the checkpoint was written with (see config.yaml in its run dir), "
             "or start over with trainer.resume=never (or another run dir)"
         )
+
+
+def _first_line(error: BaseException) -> str:
+    """The gist of an error; for DCP's, of the first rank's (they carry whole tracebacks)."""
+    if isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]  # (exception, traceback)
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _shape(shape: list[int] | None) -> str:
@@ -208,9 +217,10 @@ def restore(
             rank_state = (
                 torch.load(path / rank_file(rank), weights_only=False) if same_layout else None
             )
-        except Exception as e:  # noqa: BLE001 - any unreadable file: fall back to an older one
-            log.warning("checkpoint %s cannot be loaded (%s): trying an older one", path, e)
-            failures.append(f"{path.name}: {e}")
+        except (Exception, CheckpointException) as e:  # unreadable: fall back to an older one
+            why = _first_line(e)
+            log.warning("checkpoint %s cannot be loaded (%s): trying an older one", path, why)
+            failures.append(f"{path.name}: {why}")
             continue
         return Restored(path, manifest, trainer_state, rank_state)
     if failures:

@@ -116,13 +116,17 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     model = shard(model, device, tcfg.sparse_optimizer, tcfg.sharding)
     dense_opt = instantiate(cfg.trainer.dense_optimizer, params=dense_parameters(model))
     checkpoints = run_dir / "checkpoints"
+    preemption = Preemption()
+    ckpt = Checkpointing(checkpoints, description, preemption, run_dir)
+    writer = SummaryWriter(log_dir=str(run_dir)) if is_rank0() else None
+    # the trainer takes the configured learning rates before a checkpoint's replace them
+    trainer = Trainer(model, dense_opt, tcfg, task, device, writer, monitor, ckpt)
     restored = checkpoint.restore(
         checkpoint.candidates(checkpoints, tcfg.resume), model, dense_opt, description
     )
     if is_rank0():
         save_config(run_dir, cfg)
         write_text(run_dir / "sharding_plan.txt", str(model.plan).strip() + "\n")
-    writer = SummaryWriter(log_dir=str(run_dir)) if is_rank0() else None
     log.info(
         "training %s on %s: %d train rows, %d steps/epoch, batch %d, device %s",
         type(model.module).__name__,
@@ -132,9 +136,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         data.batch_size,
         device,
     )
-    with Preemption() as preemption:
-        ckpt = Checkpointing(checkpoints, description, preemption, run_dir)
-        trainer = Trainer(model, dense_opt, tcfg, task, device, writer, monitor, ckpt)
+    with preemption:
         fit = trainer.fit(train, val, pruning_callback(objectives[0]), restored)
     val_metrics = fit.evaluations[-1] if fit.evaluations else {}
     val_metrics = {k: v for k, v in val_metrics.items() if k != "step"}

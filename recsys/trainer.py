@@ -179,6 +179,8 @@ class Trainer:
             es = cfg.early_stopping
             stopper = EarlyStopping(self.monitor, es.patience, es.min_delta)
         result, position = self._resume(restored, train, stopper)
+        stopped = result.stopped_early or result.stopped_by_callback
+        result.finished = result.finished and (stopped or result.steps >= total)  # or go on
         show_bar = cfg.progress_bar if cfg.progress_bar is not None else sys.stderr.isatty()
         bar = tqdm(total=total, initial=result.steps, unit="step", dynamic_ncols=True,
                    disable=not show_bar)  # fmt: skip

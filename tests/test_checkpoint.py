@@ -1,0 +1,237 @@
+"""Checkpoints, exact resume, preemption and resharding, with real processes and signals."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from recsys.preemption import EXIT_PREEMPTED
+from tests.conftest import ROOT, cli, metrics_of
+
+pytestmark = pytest.mark.slow
+
+# two epochs of 49 steps, a checkpoint every 7, dropout, shuffling, 2 read threads, cosine lr,
+# early stopping state: everything a resumed run must carry over to end up bit-identical
+EXACT = [
+    "trainer.max_epochs=2",
+    "trainer.eval_every_steps=30",
+    "trainer.checkpoint.every_steps=7",
+    "trainer.checkpoint.keep_last=20",
+    "trainer.log_every_steps=1",
+    "trainer.progress_bar=false",
+    "trainer.early_stopping.enabled=true",
+    "trainer.early_stopping.patience=10",
+    "trainer.lr_schedule.decay=cosine",
+    "data.read_threads=2",
+    "data.shuffle_buffer=8192",
+    "model.dropout=0.2",
+]
+UNBUFFERED = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+
+
+def args_for(small_data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"data.path={small_data}", f"hydra.run.dir={run_dir}", *EXACT, *extra]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    out = cli(*args_for(small_data, run_dir))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return run_dir
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Same weights bit for bit, and the same metrics (all but timings)."""
+    wa, wb = (torch.load(d / "model.pt", weights_only=False)["state_dict"] for d in (a, b))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+    ma, mb = metrics_of(a), metrics_of(b)
+    for key in ("validation", "test", "objective", "data_quality", "status"):
+        assert ma[key] == mb[key], key
+    for key in ("steps", "epochs", "samples", "final_loss", "evaluations", "losses"):
+        assert ma["train"][key] == mb["train"][key], key
+
+
+def start_and_signal(args: list[str], step: int, sig: int) -> subprocess.CompletedProcess:
+    """Run recsys.train and send `sig` once it logs `step`; returns the finished process."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recsys.train", *args],
+        cwd=ROOT,
+        env=UNBUFFERED,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if f" step {step}/" in line:
+            proc.send_signal(sig)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines) + rest, "")
+
+
+def test_killed_at_a_random_step_then_resumed_ends_bit_identical(
+    small_data, uninterrupted, tmp_path
+):
+    step = random.Random().randint(9, 90)
+    run_dir = tmp_path / "run"
+    killed = start_and_signal(args_for(small_data, run_dir), step, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL, f"step {step}: {killed.stdout[-2000:]}"
+    assert not (run_dir / "metrics.json").exists()
+    resumed = cli(*args_for(small_data, run_dir))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    if step >= 7:
+        assert "resuming from" in resumed.stdout, f"killed at step {step}"
+    assert_same_run(uninterrupted, run_dir)
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_resumes_exactly(
+    small_data, uninterrupted, tmp_path
+):
+    run_dir = tmp_path / "run"
+    stopped = start_and_signal(args_for(small_data, run_dir), 40, signal.SIGTERM)
+    assert stopped.returncode == EXIT_PREEMPTED, stopped.stdout[-3000:]
+    assert "SIGTERM received: checkpointing at the next step" in stopped.stdout
+    assert f"hydra.run.dir={run_dir} to resume from step" in stopped.stdout
+    assert "Traceback" not in stopped.stdout
+    resumed = cli(*args_for(small_data, run_dir))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert_same_run(uninterrupted, run_dir)
+    assert metrics_of(run_dir)["train"]["preemptions"] == 1
+
+
+def test_half_written_and_corrupt_checkpoints_are_skipped_for_an_older_one(
+    small_data, uninterrupted, tmp_path
+):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    for step in (35, 42, 49):
+        name = f"step-{step:09d}"
+        shutil.copytree(uninterrupted / "checkpoints" / name, run_dir / "checkpoints" / name)
+    ckpt = run_dir / "checkpoints"
+    (ckpt / "step-000000049" / "manifest.json").unlink()  # as if its writer died mid-way
+    data = ckpt / "step-000000042" / "__0_0.distcp"
+    data.write_bytes(b"\0" * data.stat().st_size)  # same size, garbage: found when loading
+    (ckpt / ".step-000000056.tmp").mkdir()  # an interrupted write's leftovers
+    out = cli(*args_for(small_data, run_dir))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    assert "skipping checkpoint" in log and "step-000000049: it has no manifest.json" in log
+    assert "step-000000042 cannot be loaded" in log
+    assert "resuming from" in log and "step-000000035 (step 35" in log
+    assert_same_run(uninterrupted, run_dir)
+    assert not (ckpt / ".step-000000056.tmp").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.embedding_dim=32", "does not fit this run's model: table t_c0: checkpoint"),
+        ("model=fm", "holds a recsys.models.DeepFM, this run builds a recsys.models.FM"),
+    ],
+)
+def test_resuming_with_a_different_model_names_what_differs(
+    small_data, uninterrupted, tmp_path, override, message
+):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted / "checkpoints", run_dir / "checkpoints")
+    args = [a for a in args_for(small_data, run_dir, override) if a != "model.dropout=0.2"]
+    out = cli(*args)
+    assert out.returncode == 2
+    assert message in out.stdout + out.stderr
+    assert "trainer.resume=never" in out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+
+
+def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                "--master_addr=127.0.0.1", f"--master_port={port}"]  # fmt: skip
+    return subprocess.run(
+        [*launcher, "-m", "recsys.train", *args],
+        cwd=ROOT,
+        env=UNBUFFERED,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def train_on(nproc: int, small_data: Path, run_dir: Path, *extra: str):
+    common = [f"data.path={small_data}", f"hydra.run.dir={run_dir}", "trainer.progress_bar=false",
+              "trainer.eval_every_steps=null", "trainer.log_every_steps=3"]  # fmt: skip
+    out = torchrun(nproc, *common, *extra)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def test_two_ranks_learn_like_one_rank_with_the_same_global_batch(small_data, tmp_path):
+    two = train_on(2, small_data, tmp_path / "two", "data.batch_size=2048")
+    assert "rank:1/cpu" in (tmp_path / "two" / "sharding_plan.txt").read_text()
+    assert "rank:1/cpu" in two.stdout + two.stderr  # the plan is printed
+    steps = metrics_of(tmp_path / "two")["train"]["steps"]
+    train_on(1, small_data, tmp_path / "one", "data.batch_size=4096", f"trainer.max_steps={steps}")
+    one, two = metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")
+    assert one["train"]["samples"] == two["train"]["samples"] == steps * 4096
+    curve1, curve2 = one["train"]["losses"], two["train"]["losses"]
+    assert [s for s, _ in curve1] == [s for s, _ in curve2]
+    gaps = [abs(a - b) for (_, a), (_, b) in zip(curve1, curve2, strict=True)]
+    # different rows in each step (each rank reads its own files), the same curve
+    assert max(gaps) < 0.03 and sum(gaps) / len(gaps) < 0.015, gaps
+    assert one["validation"]["auc"] == pytest.approx(two["validation"]["auc"], abs=0.02)
+
+
+def full_state(checkpoint_dir: Path, tmp_path: Path) -> dict:
+    """Every tensor of a checkpoint, unsharded, read without any process group."""
+    out = tmp_path / f"{checkpoint_dir.parent.parent.name}.pt"
+    dcp_to_torch_save(checkpoint_dir, out)
+    return torch.load(out, weights_only=False)
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out |= flat(v, f"{prefix}{k}/")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@pytest.mark.parametrize("saved_on, resumed_on", [(2, 1), (1, 2)])
+def test_a_checkpoint_of_n_ranks_resumes_on_m_ranks(small_data, tmp_path, saved_on, resumed_on):
+    first, again, longer = tmp_path / "first", tmp_path / "again", tmp_path / "longer"
+    args = ["data.batch_size=2048", "trainer.max_steps=10"]
+    train_on(saved_on, small_data, first, *args)
+    shutil.copytree(first / "checkpoints", again / "checkpoints")
+    shutil.copytree(first / "checkpoints", longer / "checkpoints")
+    out = train_on(resumed_on, small_data, again, *args)
+    assert f"where the checkpoint had {saved_on} ranks" in out.stdout + out.stderr
+    # tables, their optimizer state and the dense layers come back whole on the other layout
+    name = "step-000000010"
+    saved = flat(full_state(first / "checkpoints" / name, tmp_path))
+    resaved = flat(full_state(again / "checkpoints" / name, tmp_path))
+    assert saved.keys() == resaved.keys()
+    assert any("momentum1" in k for k in saved)
+    for key in saved:
+        assert torch.equal(saved[key], resaved[key]), key
+    assert metrics_of(first)["test"] == metrics_of(again)["test"]
+    # and training goes on from there
+    train_on(resumed_on, small_data, longer, "data.batch_size=2048", "trainer.max_steps=16")
+    assert metrics_of(longer)["train"]["steps"] == 16
