@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from recsys import config as schema
@@ -56,3 +57,16 @@ def categorical_override(**sizes: int) -> str:
 
 def metrics_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Same weights bit for bit, and the same metrics (all but timings)."""
+    wa, wb = (torch.load(d / "model.pt", weights_only=False)["state_dict"] for d in (a, b))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+    ma, mb = metrics_of(a), metrics_of(b)
+    for key in ("validation", "test", "objective", "data_quality", "status"):
+        assert ma[key] == mb[key], key
+    for key in ("steps", "epochs", "samples", "final_loss", "evaluations", "losses"):
+        assert ma["train"][key] == mb["train"][key], key

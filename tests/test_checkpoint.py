@@ -16,7 +16,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from recsys.preemption import EXIT_PREEMPTED
-from tests.conftest import ROOT, cli, metrics_of
+from tests.conftest import ROOT, assert_same_run, cli, metrics_of
 
 pytestmark = pytest.mark.slow
 
@@ -49,19 +49,6 @@ def uninterrupted(small_data, tmp_path_factory) -> Path:
     out = cli(*args_for(small_data, run_dir))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return run_dir
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    """Same weights bit for bit, and the same metrics (all but timings)."""
-    wa, wb = (torch.load(d / "model.pt", weights_only=False)["state_dict"] for d in (a, b))
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        assert torch.equal(wa[key], wb[key]), key
-    ma, mb = metrics_of(a), metrics_of(b)
-    for key in ("validation", "test", "objective", "data_quality", "status"):
-        assert ma[key] == mb[key], key
-    for key in ("steps", "epochs", "samples", "final_loss", "evaluations", "losses"):
-        assert ma["train"][key] == mb["train"][key], key
 
 
 def start_and_signal(args: list[str], step: int, sig: int) -> subprocess.CompletedProcess:

@@ -6,12 +6,14 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import cli
+from tests.conftest import ROOT, assert_same_run, cli, metrics_of
 from tests.test_sweep import small_sweep, study_of
 
 
@@ -70,3 +72,64 @@ def test_multi_task_job_joins_one_process_group_and_rank0_writes(small_data, tmp
     assert study_of(tmp_path, "fm").trials[0].state is TrialState.COMPLETE
     task_logs = sorted(Path(tmp_path, ".submitit").rglob("*_log.out"))
     assert len(task_logs) == 2
+
+
+def _squeue_state(job_id: str) -> str:
+    return subprocess.run(
+        ["squeue", "-h", "-j", job_id, "-o", "%t"], capture_output=True, text=True, timeout=10
+    ).stdout.strip()
+
+
+def _wait_for(predicate, what: str, seconds: float = 300):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_usr1_checkpoints_requeues_and_the_job_ends_as_if_never_stopped(small_data, tmp_path):
+    train = [f"data.path={small_data}", "trainer.max_epochs=2", "trainer.log_every_steps=1",
+             "trainer.progress_bar=false", "trainer.threads=1"]  # fmt: skip
+    sweep_dir = tmp_path / "sweep"
+    job = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "recsys.train",
+            "--multirun",
+            *SLURM,
+            f"hydra.sweep.dir={sweep_dir}",
+            *train,
+        ],  # fmt: skip
+        cwd=ROOT,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def task_log_at_step_20():
+        for log in sweep_dir.glob(".submitit/*/*_0_log.out"):
+            if " step 20/" in log.read_text():
+                return log
+
+    log = _wait_for(task_log_at_step_20, "the job's step 20")
+    job_id = log.parent.name
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True, timeout=30)
+    _wait_for(lambda: "requeueing" in log.read_text() and _squeue_state(job_id) == "PD",
+              "the requeue")  # fmt: skip
+    # SLURM holds a requeued job for two minutes before it may start again: let it start now
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    out, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, out[-3000:]
+    text = log.read_text()
+    assert "SIGUSR1 received: checkpointing at the next step" in text
+    assert "resuming from" in text and "exactly where it stopped" in text
+    run_dir = sweep_dir / "0"
+    assert metrics_of(run_dir)["train"]["preemptions"] == 1
+    local = tmp_path / "local"
+    assert cli(*train, f"hydra.run.dir={local}").returncode == 0
+    assert_same_run(local, run_dir)
