@@ -1,8 +1,8 @@
 """The reader: a split's pieces, shared among (rank, worker), streamed as `Batch`es.
 
-Every rank reads a disjoint share of the pieces (Parquet row groups, ORC files); inside a rank,
-`read_threads` workers each read a share of those and the consumer takes their batches in turn,
-so the order is fixed for a seed. Every rank yields the same number of batches, computed from
+Every rank reads a disjoint share of the pieces (Parquet row groups, ORC files), balanced by rows
+so that few are dropped; inside a rank, `read_threads` workers each read a share of those and the
+consumer takes their batches in turn, so the order is fixed for a seed. Every rank yields the same number of batches, computed from
 piece row counts alone, since TorchRec collectives hang when one rank runs out first.
 """
 
@@ -92,9 +92,9 @@ class SplitReader:
             self._len = min(self._len, max_batches)
 
     def _share(self, pieces: list[Piece], rank: int) -> list[list[Piece]]:
-        """The pieces of one rank, dealt round-robin, then dealt to its workers."""
-        mine = pieces[rank :: self.world_size]
-        return [mine[w :: self.workers] for w in range(self.workers)]
+        """The pieces of one rank, then of each of its workers, balanced by rows."""
+        mine = _deal(pieces, self.world_size)[rank]
+        return _deal(mine, self.workers)
 
     def _batches_of(self, pieces: list[Piece]) -> int:
         full, rest = divmod(sum(p.rows for p in pieces), self.batch_size)
@@ -228,6 +228,17 @@ class SplitReader:
             # a window's repairs count once, with its first batch (before any checkpoint of it)
             yield _Item(batch, columns.quality if i == 0 else None, sources)
         return 0
+
+
+def _deal(pieces: list[Piece], hands: int) -> list[list[Piece]]:
+    """Pieces in order, each to the hand with the fewest rows so far (ties: the first hand)."""
+    dealt: list[list[Piece]] = [[] for _ in range(hands)]
+    rows = [0] * hands
+    for piece in pieces:
+        hand = rows.index(min(rows))
+        dealt[hand].append(piece)
+        rows[hand] += piece.rows
+    return dealt
 
 
 def open_split(

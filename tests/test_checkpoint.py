@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from recsys.preemption import EXIT_PREEMPTED
+from recsys.preemption import EXIT_PREEMPTED, Preempted, Preemption
 from tests.conftest import ROOT, assert_same_run, cli, metrics_of
 
 pytestmark = pytest.mark.slow
@@ -222,3 +222,13 @@ def test_a_checkpoint_of_n_ranks_resumes_on_m_ranks(small_data, tmp_path, saved_
     # and training goes on from there
     train_on(resumed_on, small_data, longer, "data.batch_size=2048", "trainer.max_steps=16")
     assert metrics_of(longer)["train"]["steps"] == 16
+
+
+def test_a_job_preempted_more_than_max_requeues_times_is_not_requeued(monkeypatch):
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    preemption = Preemption()
+    preemption.received = signal.SIGUSR1
+    with pytest.raises(Preempted, match=r"not requeued: the job was preempted 4 times, more "
+                       r"than trainer.checkpoint.max_requeues=3: run the same command with "
+                       r"hydra.run.dir=/runs/a to resume from step 120"):  # fmt: skip
+        preemption.stop(120, preemptions=4, max_requeues=3, run_dir="/runs/a")

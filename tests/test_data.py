@@ -1,5 +1,7 @@
 """The reader: files -> Arrow -> Batch, its checks and its repairs."""
 
+import copy
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -293,3 +295,39 @@ def test_vocabulary_sizes_tables_and_maps_ids_by_frequency(tmp_path):
     assert b.sparse_features["a"].values().tolist() == [1, 1, 1, 2, 2, 0, 1, 2, 0, 1, 2]
     # tags: red (6) -> 1, blue (2) and green (2): ties broken by value, blue -> 2, green -> 3
     assert b.sparse_features["tags"].values().tolist()[:5] == [1, 2, 1, 1, 3]
+
+
+def test_a_saved_position_resumes_the_epoch_with_the_same_batches_and_counts(tmp_path):
+    numbered(tmp_path, [40, 40, 40, 24])
+    x = pa.array([None if i % 7 == 0 else float(i) for i in range(40)])  # repairs to count
+    t = pa.table({"y": np.zeros(40, np.int8), "x": x, "a": np.zeros(40, np.int64),
+                  "tags": pa.array([[1]] * 40)})  # fmt: skip
+    pq.write_table(t, tmp_path / "train" / "part-9.parquet", row_group_size=5)
+    data = config(tmp_path, shuffle_buffer=16, batch_size=4, read_threads=2)
+
+    def reader():
+        return open_split(data, "train", DataQuality(), train=True, seed=3)
+
+    full = reader()
+    everything = [b.dense_features[:, 0].tolist() for b in full.iterate(1)]
+    for stop in (1, 5, len(everything) - 1):
+        first = reader()
+        batches = first.iterate(1)
+        head = [next(batches).dense_features[:, 0].tolist() for _ in range(stop)]
+        position = copy.deepcopy(first.position)
+        batches.close()
+        assert position["batches"] == stop and len(position["workers"]) == 2
+        assert all(w["pieces"] for w in position["workers"][:stop])  # the pieces each was on
+        second = reader()
+        second.converter.quality.add(first.converter.quality)
+        tail = [b.dense_features[:, 0].tolist() for b in second.iterate(1, position)]
+        assert head + tail == everything
+        assert second.converter.quality == full.converter.quality
+
+
+def test_pieces_are_dealt_to_ranks_by_rows_so_few_are_dropped(tmp_path):
+    numbered(tmp_path, [20, 5, 20, 5, 20, 5, 20, 5])  # row groups of 5: all pieces equal
+    data = config(tmp_path, batch_size=5)
+    pieces = [open_split(data, "train", DataQuality(), True, rank=r, world_size=2) for r in (0, 1)]
+    assert [r.num_rows for r in pieces] == [50, 50]
+    assert len(pieces[0]) == len(pieces[1]) == 10
