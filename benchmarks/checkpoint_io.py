@@ -14,13 +14,14 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from distributed_throughput import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -105,26 +106,10 @@ def child(model_name: str, repeats: int, out: Path) -> None:
 
 
 def measure(model_name: str, nproc: int, repeats: int) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix="recsys-ckpt-bench-") as tmp:
+        child_args = ["--child", model_name, "--repeats", str(repeats), "--out", tmp]
         proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                f"--nproc_per_node={nproc}",
-                "--master_addr=127.0.0.1",
-                f"--master_port={port}",
-                __file__,
-                "--child",
-                model_name,
-                "--repeats",
-                str(repeats),
-                "--out",
-                tmp,
-            ],  # fmt: skip
+            [*torchrun(nproc), __file__, *child_args],
             capture_output=True,
             text=True,
             cwd=ROOT,

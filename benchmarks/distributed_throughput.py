@@ -24,10 +24,16 @@ from train_throughput import BATCH, DIM, HIDDEN, N_DENSE, bench_spec, ensure_dat
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(path: Path, nproc: int) -> dict:
+def torchrun(nproc: int) -> list[str]:
+    """torchrun with nproc CPU processes, rendezvous on a free loopback port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1", f"--master_port={port}"]  # fmt: skip
+
+
+def measure(path: Path, nproc: int) -> dict:
     cats = ",".join(f"{k}:{v}" for k, v in bench_spec(0).categorical.items())
     with tempfile.TemporaryDirectory(prefix="recsys-dist-bench-") as run_dir:
         overrides = [
@@ -47,17 +53,7 @@ def measure(path: Path, nproc: int) -> dict:
             f"hydra.run.dir={run_dir}",
         ]
         proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                f"--nproc_per_node={nproc}",
-                "--master_addr=127.0.0.1",
-                f"--master_port={port}",
-                "-m",
-                "recsys.train",
-                *overrides,
-            ],  # fmt: skip
+            [*torchrun(nproc), "-m", "recsys.train", *overrides],
             capture_output=True,
             text=True,
             cwd=ROOT,

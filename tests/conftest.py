@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,12 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert ma[key] == mb[key], key
     for key in ("steps", "epochs", "samples", "final_loss", "evaluations", "losses"):
         assert ma["train"][key] == mb["train"][key], key
+
+
+def torchrun_command(nproc: int) -> list[str]:
+    """torchrun with nproc CPU processes, rendezvous on a free loopback port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1", f"--master_port={port}"]  # fmt: skip

@@ -6,7 +6,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from recsys.preemption import EXIT_PREEMPTED, Preempted, Preemption
-from tests.conftest import ROOT, assert_same_run, cli, metrics_of
+from tests.conftest import ROOT, assert_same_run, cli, metrics_of, torchrun_command
 
 pytestmark = pytest.mark.slow
 
@@ -145,13 +144,8 @@ def test_resuming_with_a_different_model_names_what_differs(
 
 
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                "--master_addr=127.0.0.1", f"--master_port={port}"]  # fmt: skip
     return subprocess.run(
-        [*launcher, "-m", "recsys.train", *args],
+        [*torchrun_command(nproc), "-m", "recsys.train", *args],
         cwd=ROOT,
         env=UNBUFFERED,
         capture_output=True,
@@ -232,3 +226,35 @@ def test_a_job_preempted_more_than_max_requeues_times_is_not_requeued(monkeypatc
                        r"than trainer.checkpoint.max_requeues=3: run the same command with "
                        r"hydra.run.dir=/runs/a to resume from step 120"):  # fmt: skip
         preemption.stop(120, preemptions=4, max_requeues=3, run_dir="/runs/a")
+
+
+def test_two_ranks_killed_at_a_random_step_resume_bit_identical(small_data, tmp_path):
+    """Each rank's data position (two read workers each) and RNGs come back exactly."""
+    args = ["data.batch_size=2048", "data.read_threads=2", "data.shuffle_buffer=8192",
+            "model.dropout=0.2", "trainer.checkpoint.every_steps=4", "trainer.log_every_steps=1",
+            "trainer.eval_every_steps=10", "trainer.max_steps=30"]  # fmt: skip
+    train_on(2, small_data, tmp_path / "full", *args)
+    step = random.Random().randint(5, 28)
+    run_dir = tmp_path / "resumed"
+    common = [f"data.path={small_data}", f"hydra.run.dir={run_dir}", "trainer.progress_bar=false"]
+    proc = subprocess.Popen(
+        [*torchrun_command(2), "-m", "recsys.train", *common, *args],
+        cwd=ROOT,
+        env=UNBUFFERED,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    for line in proc.stdout:
+        if f" step {step}/" in line:
+            # torchrun starts each rank in a session of its own: kill the ranks, then torchrun
+            ranks = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            for pid in [*map(int, ranks), proc.pid]:
+                os.kill(pid, signal.SIGKILL)
+            break
+    proc.communicate(timeout=60)
+    assert not (run_dir / "metrics.json").exists(), f"killed at step {step}"
+    out = train_on(2, small_data, run_dir, *args)
+    if step >= 4:
+        assert "exactly where it stopped" in out.stdout + out.stderr, f"killed at step {step}"
+    assert_same_run(tmp_path / "full", run_dir)

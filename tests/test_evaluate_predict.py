@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,7 @@ from recsys.interactions_demo import InteractionSpec, generate
 from recsys.outputs import load_model
 from recsys.runs import open_run
 from recsys.train import run as train
-from tests.conftest import ROOT, cli, compose_cfg, metrics_of
+from tests.conftest import ROOT, cli, compose_cfg, metrics_of, torchrun_command
 
 pytestmark = pytest.mark.slow
 
@@ -85,9 +83,6 @@ def test_evaluate_reproduces_the_test_metrics_of_the_run(two_tower_run):
 
 def test_tables_sharded_over_two_ranks_export_the_model_they_trained(interactions, tmp_path):
     """Two gloo processes split the tables; the exported model scores as the sharded one did."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     run_dir = tmp_path / "run"
     args = [
         "model=two_tower",
@@ -96,17 +91,7 @@ def test_tables_sharded_over_two_ranks_export_the_model_they_trained(interaction
         f"hydra.run.dir={run_dir}",
     ]
     res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_addr=127.0.0.1",
-            f"--master_port={port}",
-            "-m",
-            "recsys.train",
-            *args,
-        ],
+        [*torchrun_command(2), "-m", "recsys.train", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
