@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import ROOT, assert_same_run, cli, metrics_of
+from tests.conftest import ROOT, assert_same_run, cli, metrics_of, torchrun_command
 from tests.test_sweep import small_sweep, study_of
 
 
@@ -90,20 +90,22 @@ def _wait_for(predicate, what: str, seconds: float = 300):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_usr1_checkpoints_requeues_and_the_job_ends_as_if_never_stopped(small_data, tmp_path):
-    train = [f"data.path={small_data}", "trainer.max_epochs=2", "trainer.log_every_steps=1",
-             "trainer.progress_bar=false", "trainer.threads=1"]  # fmt: skip
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_usr1_checkpoints_requeues_and_the_job_ends_as_if_never_stopped(
+    small_data, tmp_path, tasks
+):
+    train = [
+        f"data.path={small_data}",
+        f"data.batch_size={4096 // tasks}",
+        "trainer.max_epochs=2",
+        "trainer.log_every_steps=1",
+        "trainer.progress_bar=false",
+        "trainer.threads=1",
+    ]
     sweep_dir = tmp_path / "sweep"
+    slurm = [*SLURM, f"hydra.launcher.tasks_per_node={tasks}", f"hydra.sweep.dir={sweep_dir}"]
     job = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "recsys.train",
-            "--multirun",
-            *SLURM,
-            f"hydra.sweep.dir={sweep_dir}",
-            *train,
-        ],  # fmt: skip
+        [sys.executable, "-m", "recsys.train", "--multirun", *slurm, *train],
         cwd=ROOT,
         env={**os.environ, "HYDRA_FULL_ERROR": "0"},
         stdout=subprocess.PIPE,
@@ -130,6 +132,7 @@ def test_usr1_checkpoints_requeues_and_the_job_ends_as_if_never_stopped(small_da
     assert "resuming from" in text and "exactly where it stopped" in text
     run_dir = sweep_dir / "0"
     assert metrics_of(run_dir)["train"]["preemptions"] == 1
-    local = tmp_path / "local"
-    assert cli(*train, f"hydra.run.dir={local}").returncode == 0
+    local = tmp_path / "local"  # the same processes, never stopped
+    cmd = [*torchrun_command(tasks), "-m", "recsys.train", *train, f"hydra.run.dir={local}"]
+    assert subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=600).returncode == 0
     assert_same_run(local, run_dir)
