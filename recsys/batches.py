@@ -176,6 +176,21 @@ class Columns:
         )
 
 
+class Padding(Batch):
+    """A one-row stand-in batch for a rank whose evaluation share has run out: it joins the
+    other ranks' collectives, and its output is dropped."""
+
+    @classmethod
+    def of(cls, spec: FeatureSpec) -> Padding:
+        keys = spec.categorical_names
+        sparse = KeyedJaggedTensor(
+            keys=keys,
+            values=torch.zeros(len(keys), dtype=torch.long),
+            lengths=torch.ones(len(keys), dtype=torch.long),
+        )
+        return cls(torch.zeros(1, len(spec.dense)), sparse, torch.zeros(1))
+
+
 class BatchConverter:
     """Turns an Arrow table of rows into a `Batch`, vectorised, with no per-row Python."""
 

@@ -2,8 +2,10 @@
 
 Every rank reads a disjoint share of the pieces (Parquet row groups, ORC files), balanced by rows
 so that few are dropped; inside a rank, `read_threads` workers each read a share of those and the
-consumer takes their batches in turn, so the order is fixed for a seed. Every rank yields the same number of batches, computed from
-piece row counts alone, since TorchRec collectives hang when one rank runs out first.
+consumer takes their batches in turn, so the order is fixed for a seed. Every rank yields the
+same number of batches, computed from piece row counts alone, since TorchRec collectives hang
+when one rank runs out first: training drops the excess of longer shares, evaluation pads the
+shorter ones.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pyarrow as pa
 from torchrec.datasets.utils import Batch
 
 from recsys import vocabulary
-from recsys.batches import BatchConverter, DataQuality, check_ranges, check_schema
+from recsys.batches import BatchConverter, DataQuality, Padding, check_ranges, check_schema
 from recsys.config import DataConfig, FileFormat
 from recsys.errors import DataError
 from recsys.features import FeatureSpec
@@ -71,6 +73,7 @@ class SplitReader:
         seed: int = 0,
         drop_remainder: bool = False,
         max_batches: int | None = None,
+        pad: bool = False,
     ):
         self.converter = converter
         self.batch_size = batch_size
@@ -79,7 +82,10 @@ class SplitReader:
         self.prefetch = prefetch
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
-        self.drop_remainder = drop_remainder or world_size > 1
+        # ranks must run the same number of steps: training drops the longer shares' excess,
+        # evaluation (pad) keeps every row and pads the shorter shares with `Padding`
+        self.pad = pad
+        self.drop_remainder = drop_remainder or (world_size > 1 and not pad)
         self.max_batches = max_batches
         self.position: dict = {}  # where iteration stands: epoch, batches taken per worker, pieces
         self.shares = [self._share(pieces, r) for r in range(world_size)]
@@ -87,7 +93,7 @@ class SplitReader:
         counts = [
             sum(self._batches_of(share) for share in rank_shares) for rank_shares in self.shares
         ]
-        self._len = min(counts)
+        self._len = max(counts) if pad else min(counts)
         if max_batches is not None:
             self._len = min(self._len, max_batches)
 
@@ -155,6 +161,9 @@ class SplitReader:
                         drop -= 1
                         continue
                     yield item.batch
+            if self.pad and n < self._len:
+                padding = Padding.of(self.converter.spec)
+                yield from (padding for _ in range(self._len - n))
         finally:
             for s in streams:
                 s.close()
@@ -274,6 +283,7 @@ def open_split(
         seed=seed,
         drop_remainder=data.drop_remainder and train,
         max_batches=max_batches,
+        pad=not train,
     )
 
 

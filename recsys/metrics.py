@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from recsys.config import Task
 
@@ -71,6 +72,12 @@ class Accumulator:
         self.labels.append(labels.detach().float().cpu())
 
     def result(self) -> dict[str, float]:
-        logits = torch.cat(self.logits).numpy()
-        labels = torch.cat(self.labels).numpy()
+        """Metrics over every row added, on every rank (the ranks' rows gathered when sharded)."""
+        logits = torch.cat(self.logits).numpy() if self.logits else np.zeros(0, np.float32)
+        labels = torch.cat(self.labels).numpy() if self.labels else np.zeros(0, np.float32)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            shares: list = [None] * dist.get_world_size()
+            dist.all_gather_object(shares, (logits, labels))
+            logits = np.concatenate([s[0] for s in shares])
+            labels = np.concatenate([s[1] for s in shares])
         return compute(self.task, logits, labels)

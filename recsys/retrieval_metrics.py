@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 # Scores of L2-normalised vectors closer than this count as ties (broken by corpus position), so
 # float rounding between a query's own-item score and the same score in a matrix product cannot
@@ -56,7 +57,14 @@ class RankMetrics:
             self.gains[j] += (1.0 / np.log2(inside + 2.0)).sum()
 
     def result(self, prefix: str = "") -> dict[str, float]:
-        n = max(self.queries, 1)
-        out = {f"{prefix}recall@{k}": float(h / n) for k, h in zip(self.ks, self.hits, strict=True)}
-        out |= {f"{prefix}ndcg@{k}": float(g / n) for k, g in zip(self.ks, self.gains, strict=True)}
+        """Recall and NDCG over every query added, on every rank (summed over ranks if sharded)."""
+        queries, hits, gains = self.queries, self.hits, self.gains
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            sums = torch.tensor([queries, *hits, *gains], dtype=torch.float64)
+            dist.all_reduce(sums)
+            k = len(self.ks)
+            queries, hits, gains = int(sums[0]), sums[1 : 1 + k].numpy(), sums[1 + k :].numpy()
+        n = max(queries, 1)
+        out = {f"{prefix}recall@{k}": float(h / n) for k, h in zip(self.ks, hits, strict=True)}
+        out |= {f"{prefix}ndcg@{k}": float(g / n) for k, g in zip(self.ks, gains, strict=True)}
         return out

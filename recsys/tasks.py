@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchrec.datasets.utils import Batch
 
+from recsys.batches import Padding
 from recsys.config import DataConfig, Task
 from recsys.metrics import TASK_METRICS, Accumulator
 from recsys.retrieval import Retrieval
@@ -82,5 +83,8 @@ def evaluate(
     model.eval()
     evaluator = task.evaluator(model, device)
     for batch in batches:
-        evaluator.add(batch)
+        if isinstance(batch, Padding):  # this rank's share ran out; the others need its step
+            model(batch.dense_features, batch.sparse_features)
+        else:
+            evaluator.add(batch)
     return evaluator.result()

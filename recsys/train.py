@@ -71,6 +71,18 @@ def _metric(name: str | None, metrics: tuple[str, ...], key: str) -> str:
     return name
 
 
+def _summed_over_ranks(quality: DataQuality) -> DataQuality:
+    """Every rank's repair counts (each read its own share), added up."""
+    if dist.get_world_size() == 1:
+        return quality
+    shares: list = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, quality.to_dict())
+    total = DataQuality()
+    for share in shares:
+        total.add(DataQuality.from_dict(share))
+    return total
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -96,14 +108,14 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     init_process_group(device)
     run_dir = Path(agree(str(run_dir)))  # rank 0's, should ranks' clocks name it differently
     quality = DataQuality()
-    # each rank trains on its own share of the pieces; evaluation reads whole splits everywhere
-    train = open_split(data, "train", quality, train=True, seed=typed.seed,
-                       rank=dist.get_rank(), world_size=dist.get_world_size())  # fmt: skip
+    # each rank reads its own share of every split; evaluation gathers the ranks' predictions
+    shard_of = {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
+    train = open_split(data, "train", quality, train=True, seed=typed.seed, **shard_of)
     val = test = None
     if data.validation:
-        val = open_split(data, "validation", quality, False, tcfg.max_eval_batches)
+        val = open_split(data, "validation", quality, False, tcfg.max_eval_batches, **shard_of)
     if data.test:
-        test = open_split(data, "test", quality, False, tcfg.max_eval_batches)
+        test = open_split(data, "test", quality, False, tcfg.max_eval_batches, **shard_of)
     spec = train.converter.spec  # table sizes from config or the vocabularies
     model = instantiate(cfg.model, _partial_=True, _convert_="all")(features=spec, device="meta")
     task = task_for(model, data)
@@ -141,6 +153,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     val_metrics = fit.evaluations[-1] if fit.evaluations else {}
     val_metrics = {k: v for k, v in val_metrics.items() if k != "step"}
     test_metrics = trainer.evaluate(test) if test is not None else {}
+    quality = _summed_over_ranks(quality)
     wall = time.perf_counter() - start
     measures = {"parameters": parameter_count(model), "samples_per_s": fit.samples_per_s}
     entries = objective_entries(objectives, val_metrics, measures)
