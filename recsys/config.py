@@ -331,15 +331,24 @@ class ShardingType(Enum):
     table_row_wise = "table_row_wise"
 
 
+class ComputeKernel(Enum):
+    fused = "fused"  # FBGEMM's table-batched kernel, the optimizer fused into backward
+    fused_uvm = "fused_uvm"  # CUDA: tables in host memory, reached through unified memory
+    fused_uvm_caching = "fused_uvm_caching"  # CUDA: as fused_uvm, hot rows cached on the GPU
+
+
 @dataclass
 class ShardingConfig:
-    """Constraints for TorchRec's planner: which sharding types it may pick for the tables."""
+    """Constraints for TorchRec's planner: the sharding types and kernels it may pick per table."""
 
     types: list[ShardingType] = field(default_factory=lambda: [ShardingType.table_wise])
+    compute_kernels: list[ComputeKernel] = field(default_factory=lambda: [ComputeKernel.fused])
 
     def __post_init__(self) -> None:
         if not self.types:
             raise ConfigError("trainer.sharding.types is empty: allow at least table_wise")
+        if not self.compute_kernels:
+            raise ConfigError("trainer.sharding.compute_kernels is empty: allow at least fused")
 
 
 @dataclass

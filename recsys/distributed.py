@@ -18,6 +18,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from recsys.config import (
+    ComputeKernel,
     Device,
     ShardingConfig,
     ShardingType,
@@ -106,6 +107,12 @@ def shard(
             "reduce_scatter; gloo (the CPU backend) lacks it: use table_wise, column_wise or "
             "table_column_wise on CPU"
         )
+    uvm = [k.value for k in sharding.compute_kernels if k is not ComputeKernel.fused]
+    if device.type == "cpu" and uvm:
+        raise ConfigError(
+            f"trainer.sharding.compute_kernels has {uvm}, which keep tables in host memory for a "
+            "GPU: on CPU use [fused]"
+        )
     if device.type == "cpu" and sparse.type is SparseOptimizer.adam:
         raise ConfigError(
             "trainer.sparse_optimizer.type=adam is not supported by FBGEMM's CPU kernels: "
@@ -118,7 +125,8 @@ def shard(
     topology = Topology(world_size=dist.get_world_size(), compute_device=device.type)
     constraints = {
         table.name: ParameterConstraints(
-            sharding_types=[t.value for t in sharding.types], compute_kernels=["fused"]
+            sharding_types=[t.value for t in sharding.types],
+            compute_kernels=[k.value for k in sharding.compute_kernels],
         )
         for table in model.ebc.embedding_bag_configs()
     }

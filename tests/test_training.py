@@ -197,6 +197,10 @@ def test_cfg_job_prints_the_composed_config():
             ["trainer.sharding.types=[row_wise]"],
             "error: trainer.sharding.types has ['row_wise'], which needs reduce_scatter",
         ),
+        (
+            ["trainer.sharding.compute_kernels=[fused,fused_uvm]"],
+            "error: trainer.sharding.compute_kernels has ['fused_uvm'], which keep tables in host",
+        ),
     ],
 )
 def test_bad_input_gets_one_clear_message(small_data, tmp_path, args, message):
