@@ -174,7 +174,8 @@ class Restored:
     path: Path
     manifest: dict
     trainer_state: dict
-    rank_state: dict | None  # this rank's RNGs and data position; None on another world size
+    rank_state: dict  # RNGs, data position, repairs: this rank's, or rank 0's on a new layout
+    same_layout: bool  # written by as many ranks as now load it
 
 
 def candidates(root: Path, resume: str) -> list[Path]:
@@ -214,15 +215,14 @@ def restore(
             trainer_state = torch.load(path / TRAINER_FILE, weights_only=False)
             dense_optimizer.load_state_dict(trainer_state.pop("dense_optimizer"))
             same_layout = manifest["world_size"] == world
-            rank_state = (
-                torch.load(path / rank_file(rank), weights_only=False) if same_layout else None
-            )
+            own = rank_file(rank if same_layout else 0)
+            rank_state = torch.load(path / own, weights_only=False)
         except (Exception, CheckpointException) as e:  # unreadable: fall back to an older one
             why = _first_line(e)
             log.warning("checkpoint %s cannot be loaded (%s): trying an older one", path, why)
             failures.append(f"{path.name}: {why}")
             continue
-        return Restored(path, manifest, trainer_state, rank_state)
+        return Restored(path, manifest, trainer_state, rank_state, same_layout)
     if failures:
         raise RecsysError(
             f"no checkpoint in {paths[0].parent} could be loaded ({'; '.join(failures)}): move "

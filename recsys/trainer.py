@@ -286,16 +286,14 @@ class Trainer:
             stopper.best_step = result.early_stopping["best_step"]
             stopper.bad_evals = result.early_stopping["bad_evals"]
         rank_state = restored.rank_state
+        set_rng_state(rank_state["rng"])
         workers = len(train.shares[train.rank])
-        if rank_state is not None and len(rank_state["position"]["workers"]) == workers:
-            set_rng_state(rank_state["rng"])
+        if restored.same_layout and len(rank_state["position"]["workers"]) == workers:
             train.converter.quality.add(DataQuality.from_dict(rank_state["quality"]))
             position = rank_state["position"]
             how = "exactly where it stopped"
         else:
-            set_rng_state(saved["rng"])
-            saved_position = saved["position"]
-            position = train.resume_position(saved_position, saved["steps_per_epoch"])
+            position = train.resume_position(rank_state["position"], saved["steps_per_epoch"])
             result.epoch_batches = position["drop"]
             how = (
                 f"on {self.world_size} ranks x {workers} read_threads, where the checkpoint had "
@@ -334,16 +332,12 @@ class Trainer:
         if stopper is not None:
             result.early_stopping = {"best": stopper.best, "best_step": stopper.best_step,
                                      "bad_evals": stopper.bad_evals}  # fmt: skip
-        position = copy.deepcopy(train.position)
-        rng = rng_state()
         trainer_state = {
             "fit": dataclasses.asdict(result),
             "dense_optimizer": self.dense_optimizer.state_dict(),
             "steps_per_epoch": len(train),
-            "rng": rng,
-            "position": position,
         }
-        rank_state = {"rng": rng, "position": position,
+        rank_state = {"rng": rng_state(), "position": copy.deepcopy(train.position),
                       "quality": train.converter.quality.to_dict()}  # fmt: skip
         started = time.perf_counter()
         path = checkpoint.save(ck.root, result.steps, self.model, trainer_state, rank_state,
