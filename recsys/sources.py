@@ -160,6 +160,23 @@ class Piece:
     schema: pa.Schema  # the dataset's: file columns plus partition keys
 
 
+def _count_rows(
+    part: ds.Fragment, schema: pa.Schema, row_filter: ds.Expression | None, parquet: bool
+) -> int:
+    """Rows of one piece that pass the filter.
+
+    Arrow counts a row-group fragment whose filter its partition values already satisfy (no
+    column left to test) as its whole file, so a Parquet count is capped at the row group's rows.
+    """
+    if not parquet:
+        return part.count_rows(filter=row_filter)
+    group = part.row_groups[0].num_rows
+    if row_filter is None:
+        return group
+    counted = ds.Scanner.from_fragment(part, schema=schema, columns=[], filter=row_filter)
+    return min(counted.count_rows(), group)
+
+
 def split_pieces(data: DataConfig, name: str) -> tuple[list[Piece], ds.Expression | None, str]:
     """Pieces of a split with its row filter, partition filters already applied, in stable order."""
     split: SplitConfig | None = data.split(name)
@@ -206,12 +223,7 @@ def split_pieces(data: DataConfig, name: str) -> tuple[list[Piece], ds.Expressio
         for frag in dataset.get_fragments(filter=row_filter):
             parts = frag.split_by_row_group(row_filter, schema=schema) if parquet else [frag]
             for i, part in enumerate(parts):
-                if row_filter is not None:
-                    rows = ds.Scanner.from_fragment(
-                        part, schema=schema, columns=[], filter=row_filter
-                    ).count_rows()
-                else:
-                    rows = part.row_groups[0].num_rows if parquet else part.count_rows()
+                rows = _count_rows(part, schema, row_filter, parquet)
                 if rows:
                     pieces.append(Piece(part, rows, f"{frag.path}#{i}", schema))
     except OSError as e:

@@ -331,3 +331,39 @@ def test_pieces_are_dealt_to_ranks_by_rows_so_few_are_dropped(tmp_path):
     pieces = [open_split(data, "train", DataQuality(), True, rank=r, world_size=2) for r in (0, 1)]
     assert [r.num_rows for r in pieces] == [50, 50]
     assert len(pieces[0]) == len(pieces[1]) == 10
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "day < '2026-11-03'",  # partition keys only: whole row groups pass
+        "x >= 3 and x < 41",  # columns only
+        "day < '2026-11-03' and x > 7",  # both
+        "day < '2026-11-02' or x > 50",  # true by partition in some files, by rows in others
+    ],
+)
+def test_rows_counted_under_filters_match_an_independent_count_and_the_rows_read(tmp_path, where):
+    xs = []
+    for d in range(4):  # 4 days x 20 rows in row groups of 5 rows (the pieces)
+        x = np.arange(d * 20, (d + 1) * 20, dtype=float)
+        xs.append(x)
+        t = pa.table({"y": np.zeros(20, np.int8), "x": x, "a": np.zeros(20, np.int64),
+                      "tags": pa.array([[1]] * 20)})  # fmt: skip
+        (tmp_path / f"day=2026-11-0{d + 1}").mkdir()
+        pq.write_table(t, tmp_path / f"day=2026-11-0{d + 1}" / "p.parquet", row_group_size=5)
+    expr, _ = parse_filter(where, "data.filter")
+    import pyarrow.dataset as ds
+
+    # materialised, so that no metadata shortcut of Arrow's count is involved
+    passing = ds.dataset(tmp_path, partitioning="hive").to_table(filter=expr)["x"].to_pylist()
+    data = config(tmp_path, train=SplitConfig(["."], where), batch_size=3)
+    one = open_split(data, "train", DataQuality(), train=True)
+    assert one.num_rows == len(passing)
+    assert sorted(rows_of(one)) == sorted(passing)
+    two = [open_split(data, "train", DataQuality(), True, rank=r, world_size=2) for r in (0, 1)]
+    assert sum(r.num_rows for r in two) == len(passing)
+    assert len(two[0]) == len(two[1]) == min(r.num_rows // 3 for r in two)
+    read = [rows_of(r) for r in two]
+    assert all(len(rows) == 3 * len(two[0]) for rows in read)
+    flat = read[0] + read[1]
+    assert len(set(flat)) == len(flat) and set(flat) <= set(passing)
