@@ -31,6 +31,13 @@ class Pooling(Enum):
     mean = "mean"
 
 
+class CrossStructure(Enum):
+    """How DCN-v2 joins its cross network and DNN."""
+
+    stacked = "stacked"  # the DNN on top of the cross layers
+    parallel = "parallel"  # both on x_0, one linear over their concatenated outputs
+
+
 class SparseOptimizer(Enum):
     rowwise_adagrad = "rowwise_adagrad"
     adagrad = "adagrad"
@@ -234,6 +241,38 @@ class DeepFMConfig(DNNConfig):
 @dataclass
 class MLPConfig(DNNConfig):
     _target_: str = "recsys.models.MLP"
+
+
+@dataclass
+class DCNv2Config(DNNConfig):
+    """DCN-v2: cross layers x_{l+1} = x_0 * (W_l x_l + b_l) + x_l and a DNN."""
+
+    _target_: str = "recsys.models.DCNv2"
+    hidden: list[int] = field(default_factory=lambda: [256, 128])
+    dropout: float = 0.0
+    cross_layers: int = 3
+    low_rank: int | None = None  # rank r of W = U V^T (U, V: n x r); null: a full n x n W
+    structure: CrossStructure = CrossStructure.stacked
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive("model.cross_layers", self.cross_layers)
+        _positive("model.low_rank", self.low_rank)
+
+
+@dataclass
+class DLRMConfig(ModelConfig):
+    """DLRM: dot products of a bottom MLP's dense vector and the embeddings, then a top MLP."""
+
+    _target_: str = "recsys.models.DLRM"
+    bottom_hidden: list[int] = field(default_factory=lambda: [64])
+    top_hidden: list[int] = field(default_factory=lambda: [256, 128])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("bottom_hidden", "top_hidden"):
+            for i, width in enumerate(getattr(self, key)):
+                _positive(f"model.{key}[{i}]", width)
 
 
 @dataclass
@@ -488,6 +527,8 @@ def register() -> None:
         ("deepfm", DeepFMConfig),
         ("mlp", MLPConfig),
         ("two_tower", TwoTowerConfig),
+        ("dcn_v2", DCNv2Config),
+        ("dlrm", DLRMConfig),
     ]:
         cs.store(group="schema/model", name=name, node=node)
 

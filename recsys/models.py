@@ -7,8 +7,10 @@ from functools import partial
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec.models.dlrm import InteractionArch
+from torchrec.modules.crossnet import CrossNet, LowRankCrossNet
 
-from recsys.config import Pooling
+from recsys.config import CrossStructure, Pooling
 from recsys.features import FeatureSpec
 
 
@@ -185,3 +187,67 @@ class MLP(EmbeddingModel):
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         vectors, _ = self.embed(sparse)
         return self.dnn(torch.cat([vectors.flatten(1), dense], dim=1)).squeeze(-1)
+
+
+class DCNv2(MLP):
+    """DCN-v2 (Wang et al. 2021): cross layers on x_0 = [embeddings, dense], stacked or parallel."""
+
+    def __init__(
+        self,
+        features: FeatureSpec,
+        embedding_dim: int,
+        pooling: Pooling,
+        init_std: float,
+        hidden: list[int],
+        dropout: float,
+        batch_norm: bool,
+        cross_layers: int,
+        low_rank: int | None,
+        structure: CrossStructure,
+        device: torch.device | str = "meta",
+    ):
+        super().__init__(
+            features, embedding_dim, pooling, init_std, hidden, dropout, batch_norm, device=device
+        )
+        inputs = self.num_sparse * embedding_dim + self.num_dense
+        if low_rank is None:
+            self.cross = CrossNet(inputs, cross_layers)
+        else:
+            self.cross = LowRankCrossNet(inputs, cross_layers, low_rank)
+        # parallel: the final linear over [cross, DNN] is this half plus the DNN's own last layer
+        parallel = CrossStructure(structure) is CrossStructure.parallel
+        self.cross_out = nn.Linear(inputs, 1, bias=False) if parallel else None
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        vectors, _ = self.embed(sparse)
+        x0 = torch.cat([vectors.flatten(1), dense], dim=1)
+        if self.cross_out is None:
+            return self.dnn(self.cross(x0)).squeeze(-1)
+        return (self.cross_out(self.cross(x0)) + self.dnn(x0)).squeeze(-1)
+
+
+class DLRM(EmbeddingModel):
+    """DLRM as TorchRec's: dot products of all pairs of the dense vector and embeddings, top MLP."""
+
+    def __init__(
+        self,
+        features: FeatureSpec,
+        embedding_dim: int,
+        pooling: Pooling,
+        init_std: float,
+        bottom_hidden: list[int],
+        top_hidden: list[int],
+        device: torch.device | str = "meta",
+    ):
+        super().__init__(
+            features, embedding_dim, pooling, init_std, first_order=False, device=device
+        )
+        bottom = mlp(self.num_dense, list(bottom_hidden), 0.0, False, outputs=embedding_dim)
+        self.bottom = bottom.append(nn.ReLU())
+        self.interaction = InteractionArch(self.num_sparse)
+        pairs = (self.num_sparse + 1) * self.num_sparse // 2
+        self.top = mlp(embedding_dim + pairs, list(top_hidden), 0.0, False)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        vectors, _ = self.embed(sparse)
+        return self.top(self.interaction(self.bottom(dense), vectors)).squeeze(-1)
