@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from hydra.utils import get_object
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from recsys.errors import ConfigError
 
@@ -533,8 +536,42 @@ def register() -> None:
         cs.store(group="schema/model", name=name, node=node)
 
 
+def _target_arguments(target: Any) -> set[str] | None:
+    """Keyword arguments the `_target_` callable takes; None when it takes any."""
+    try:
+        params = inspect.signature(get_object(str(target))).parameters.values()
+    except (ImportError, ValueError, TypeError):
+        return set()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind is not p.POSITIONAL_ONLY}
+
+
+def check_keys(node: Any, prefix: str = "") -> None:
+    """Keys added with `+` under a typed node: fields of its schema or arguments of its class."""
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    if is_dataclass(schema):
+        known = {f.name for f in fields(schema)}
+        takes = _target_arguments(node.get("_target_")) if "_target_" in known else set()
+        for key in node:
+            if key in known or takes is None or key in takes:
+                continue
+            where = prefix.rstrip(".") or "the root config"
+            close = difflib.get_close_matches(str(key), sorted(known | takes), n=1)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"its keys: {sorted(known)}."
+            raise ConfigError(
+                f"{prefix}{key} is not a key of {where} ({node.get('_target_', schema.__name__)})"
+                f": {hint} Fix the name or remove the key"
+            )
+    for key, child in node.items_ex(resolve=False):
+        check_keys(child, f"{prefix}{key}.")
+
+
 def to_object(cfg: Any) -> TrainConfig:
-    """Turn a composed config into typed dataclasses, running the range checks."""
+    """Turn a composed config into typed dataclasses, running the key and range checks."""
+    check_keys(cfg)
     try:
         return OmegaConf.to_object(cfg)
     except ConfigError:

@@ -88,6 +88,25 @@ def test_unknown_keys_and_wrong_types_fail_at_compose_time(override, error):
     assert override.split("=")[0].split(".")[-1] in str(info.value) + str(info.value.__cause__)
 
 
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("+model.embeding_dim=8", r"model.embeding_dim is not a key .* mean model.embedding_dim\?"),
+        ("+trainer.max_epoch=3", r"trainer.max_epoch is not a key .* mean trainer.max_epochs\?"),
+        ("+data.sufle_buffer=8", r"data.sufle_buffer is not a key .* mean data.shuffle_buffer\?"),
+        ("+xyz=1", r"xyz is not a key of the root config .* its keys: \['data'"),
+    ],
+)
+def test_keys_added_with_plus_under_a_typed_node_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        schema.to_object(compose_cfg(override))
+
+
+def test_plus_keys_the_built_class_takes_are_kept():
+    typed = schema.to_object(compose_cfg("+trainer.dense_optimizer.betas=[0.9,0.99]"))
+    assert typed.trainer.dense_optimizer.betas == [0.9, 0.99]  # an argument of torch.optim.Adam
+
+
 def test_unknown_model_lists_the_choices():
     with pytest.raises(ConfigCompositionException, match="Could not find 'model/transformer'"):
         compose_cfg("model=transformer")

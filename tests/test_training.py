@@ -181,6 +181,7 @@ def test_cfg_job_prints_the_composed_config():
     "args,message",
     [
         (["trainer.max_epoch=3"], "Key 'max_epoch' not in 'TrainerConfig'"),
+        (["+model.embeding_dim=8"], "error: model.embeding_dim is not a key of model"),
         (["model=transformer"], "Could not find 'model/transformer'"),
         (
             ["trainer.dense_optimizer.lr=-1"],
