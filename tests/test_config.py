@@ -74,6 +74,19 @@ def test_out_of_range_values_name_the_key(override, message):
 
 
 @pytest.mark.parametrize(
+    "model,override,message",
+    [
+        ("dcn_v2", "model.cross_layers=0", "model.cross_layers=0 is out of range"),
+        ("dcn_v2", "model.low_rank=0", "model.low_rank=0 is out of range"),
+        ("dlrm", "model.top_hidden=[64,0]", r"model.top_hidden\[1\]=0 is out of range"),
+    ],
+)
+def test_dcn_v2_and_dlrm_sizes_name_the_key(model, override, message):
+    with pytest.raises(ConfigError, match=message):
+        schema.to_object(compose_cfg(f"model={model}", override))
+
+
+@pytest.mark.parametrize(
     "override,error",
     [
         ("trainer.max_epoch=3", ConfigKeyError),  # a typo

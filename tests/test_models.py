@@ -8,7 +8,7 @@ from torchrec import KeyedJaggedTensor
 
 from recsys.config import Pooling, Task
 from recsys.features import FeatureSpec
-from recsys.models import FM, LR, MLP, DeepFM, fm_pairwise, table_width
+from recsys.models import DLRM, FM, LR, MLP, DCNv2, DeepFM, fm_pairwise, table_width
 
 SPEC = FeatureSpec("y", Task.binary, ("x0", "x1"), (("a", 10), ("b", 7), ("tags", 5)))
 
@@ -117,3 +117,68 @@ def test_mean_pooling_averages_multi_hot_ids():
     assert bias is None
     t = table(model, "tags")
     torch.testing.assert_close(vectors[0, 2], (t[2, :4] + t[4, :4]) / 2)
+
+
+def vectors_by_hand(model, kjt):
+    """Per row: each categorical feature's vector, summed one id at a time from the raw table."""
+    k, ids = model.vector_dim, kjt.to_dict()
+    return [
+        [sum((table(model, n)[i, :k] for i in ids[n].to_dense()[r]), torch.zeros(k)) for n in ids]
+        for r in range(kjt.stride())
+    ]
+
+
+def cross_by_hand(cross, x0):
+    """x_{l+1} = x_0 * (W_l x_l + b_l) + x_l for one row, W_l = U_l V_l^T when low-rank."""
+    x = x0
+    for layer in range(len(cross.bias)):
+        if hasattr(cross, "kernels"):
+            w = cross.kernels[layer]
+        else:
+            w = cross.W_kernels[layer] @ cross.V_kernels[layer]
+        x = x0 * (w @ x + cross.bias[layer].flatten()) + x
+    return x
+
+
+@pytest.mark.parametrize("low_rank", [None, 3])
+@pytest.mark.parametrize("structure", ["stacked", "parallel"])
+def test_dcn_v2_matches_a_loop_reference(low_rank, structure):
+    torch.manual_seed(0)
+    model = DCNv2(
+        SPEC, 4, Pooling.sum, 0.3, hidden=[8], dropout=0.0, batch_norm=False, cross_layers=2,
+        low_rank=low_rank, structure=structure, device="cpu",
+    ).eval()  # fmt: skip
+    with torch.no_grad():  # non-zero biases, so that b_l is checked too
+        for bias in model.cross.bias:
+            bias.normal_()
+    dense, kjt = tiny_batch()
+    x0 = torch.stack(
+        [torch.cat([*vecs, d]) for vecs, d in zip(vectors_by_hand(model, kjt), dense, strict=True)]
+    )
+    crossed = torch.stack([cross_by_hand(model.cross, row) for row in x0.detach()])
+    if structure == "stacked":
+        expected = model.dnn(crossed).squeeze(-1)
+    else:  # one linear over [cross output, the DNN's last hidden layer]
+        joined = torch.cat([crossed, model.dnn[:-1](x0)], dim=1)
+        weight = torch.cat([model.cross_out.weight, model.dnn[-1].weight], dim=1)
+        expected = (joined @ weight.T).squeeze(-1) + model.dnn[-1].bias
+    torch.testing.assert_close(model(dense, kjt), expected)
+    n = 3 * 4 + 2
+    shapes = [tuple(p.shape) for p in model.cross.parameters()]
+    assert shapes == ([(n, n)] * 2 + [(n, 1)] * 2 if low_rank is None else
+                      [(n, 3)] * 2 + [(3, n)] * 2 + [(n,)] * 2)  # fmt: skip
+
+
+def test_dlrm_matches_a_loop_reference():
+    torch.manual_seed(0)
+    model = DLRM(SPEC, 4, Pooling.sum, 0.3, bottom_hidden=[8], top_hidden=[8], device="cpu")
+    dense, kjt = tiny_batch()
+    bottom = model.bottom(dense)
+    assert bottom.shape == (3, 4) and (bottom >= 0).all()  # to embedding_dim, through a ReLU
+    rows = []
+    for d, vecs in zip(bottom, vectors_by_hand(model, kjt), strict=True):
+        every = [d, *vecs]  # the dense vector first, as in TorchRec
+        pairs = [every[i] @ every[j] for i, j in itertools.combinations(range(len(every)), 2)]
+        rows.append(torch.cat([d, torch.stack(pairs)]))
+    expected = model.top(torch.stack(rows)).squeeze(-1)
+    torch.testing.assert_close(model(dense, kjt), expected)

@@ -238,7 +238,7 @@ def small_orc(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("model", ["lr", "fm", "deepfm", "mlp"])
+@pytest.mark.parametrize("model", ["lr", "fm", "deepfm", "mlp", "dcn_v2", "dlrm"])
 def test_every_model_trains_on_recis_orc(small_orc, tmp_path, model):
     cfg = compose_cfg(
         "data=orc", f"data.path={small_orc}", f"model={model}", "trainer.progress_bar=false",
