@@ -549,7 +549,7 @@ def _target_arguments(target: Any) -> set[str] | None:
 
 def check_keys(node: Any, prefix: str = "") -> None:
     """Keys added with `+` under a typed node: fields of its schema or arguments of its class."""
-    if not isinstance(node, DictConfig):
+    if not isinstance(node, DictConfig) or node._is_none():
         return
     schema = OmegaConf.get_type(node)
     if is_dataclass(schema):
