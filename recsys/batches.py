@@ -137,10 +137,28 @@ class DataQuality:
             Counter(d["out_of_range_ids"]),
         )
 
+    def clear(self) -> None:
+        for counts in (self.dense_nulls, self.categorical_nulls, self.oov_ids):
+            counts.clear()
+
     def add(self, other: DataQuality) -> None:
         self.dense_nulls.update(other.dense_nulls)
         self.categorical_nulls.update(other.categorical_nulls)
         self.oov_ids.update(other.oov_ids)
+
+
+def _prefix_sums(counts: np.ndarray) -> np.ndarray:
+    """[0, counts[0], counts[0] + counts[1], ...]: the sum over rows [a, b) is s[b] - s[a]."""
+    return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+
+
+def _per_row(flags: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
+    """Flags of the values summed per row (rows of `lengths` values, or one value each)."""
+    if lengths is None:
+        return flags
+    ends = np.cumsum(lengths)
+    sums = _prefix_sums(flags)
+    return sums[ends] - sums[ends - lengths]
 
 
 @dataclass
@@ -151,12 +169,22 @@ class Columns:
     labels: np.ndarray
     dense: np.ndarray
     ids: list[tuple[np.ndarray, np.ndarray | None]]  # (values, lengths or None: one id a row)
-    quality: DataQuality  # what converting these rows repaired
+    # what converting these rows repaired: (DataQuality field, column, repairs per row)
+    repairs: list[tuple[str, str, np.ndarray]]
 
     def __post_init__(self) -> None:
         self.offsets = [
             None if n is None else np.concatenate([[0], np.cumsum(n)]) for _, n in self.ids
         ]
+        self.repair_sums = [(kind, name, _prefix_sums(n)) for kind, name, n in self.repairs]
+
+    def quality(self, start: int, stop: int) -> DataQuality:
+        """The repairs made in rows [start, stop)."""
+        quality = DataQuality()
+        for kind, name, sums in self.repair_sums:
+            if n := int(sums[stop] - sums[start]):
+                getattr(quality, kind)[name] += n
+        return quality
 
     def batch(self, start: int, stop: int) -> Batch:
         """Rows [start, stop) as a `Batch` (a KeyedJaggedTensor for the categorical features)."""
@@ -213,12 +241,12 @@ class BatchConverter:
     def __call__(self, table: pa.Table, source: str) -> Batch:
         """All rows of table as one `Batch`, its repairs counted in self.quality."""
         columns = self.columns(table, source)
-        self.quality.add(columns.quality)
+        self.quality.add(columns.quality(0, table.num_rows))
         return columns.batch(0, table.num_rows)
 
     def columns(self, table: pa.Table, source: str) -> Columns:
         """Convert many rows at once (per-column work is per call), to slice into batches."""
-        quality = DataQuality()
+        repairs: list[tuple[str, str, np.ndarray]] = []
         labels = self._scalar(table.column(self.spec.label), self.spec.label, source)
         self._check_labels(labels, source)
         dense = np.empty((table.num_rows, len(self.spec.dense)), dtype=np.float32)
@@ -226,14 +254,14 @@ class BatchConverter:
             x = self._scalar(table.column(name), name, source)
             missing = np.isnan(x)
             if missing.any():
-                quality.dense_nulls[name] += int(missing.sum())
+                repairs.append(("dense_nulls", name, missing))
                 x[missing] = self.fill_value
             dense[:, j] = x
         ids = [
-            self._ids(table.column(n), n, rows, source, quality)
+            self._ids(table.column(n), n, rows, source, repairs)
             for n, rows in self.spec.categorical
         ]
-        return Columns(self.spec.categorical_names, labels, dense, ids, quality)
+        return Columns(self.spec.categorical_names, labels, dense, ids, repairs)
 
     def _scalar(self, column: pa.ChunkedArray, name: str, source: str) -> np.ndarray:
         """A float32 copy of a numeric column; a list column must hold at most one number a row."""
@@ -269,11 +297,10 @@ class BatchConverter:
             )
 
     def _ids(
-        self, column: pa.ChunkedArray, name: str, rows: int, source: str, quality: DataQuality
+        self, column: pa.ChunkedArray, name: str, rows: int, source: str, repairs: list
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Values and lengths of a feature; lengths None when every row holds exactly one id."""
         col = column.combine_chunks()
-        quality.categorical_nulls[name] += col.null_count
         if _is_list(col.type):
             lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy().astype(np.int64)
             flat = pc.list_flatten(col)
@@ -287,13 +314,15 @@ class BatchConverter:
             flat = col.drop_null()
         else:
             lengths, flat = None, col  # one id a row
+        if lengths is not None and (empty := lengths == 0).any():  # null or empty list
+            repairs.append(("categorical_nulls", name, empty))
         if self.vocab is not None:
             values = self.vocab[name].lookup(flat)
         elif _is_string(flat.type):
             values = (hash_strings(flat) % np.uint64(rows)).astype(np.int64)
         else:
             values = flat.to_numpy().astype(np.int64, copy=False)
-            values = self._fold(values, name, rows, source, quality)
+            values = self._fold(values, name, rows, source, lengths, repairs)
         if lengths is None:
             return values, None
         if self.missing_id is not None and (lengths == 0).any():
@@ -304,7 +333,13 @@ class BatchConverter:
         return values, lengths
 
     def _fold(
-        self, values: np.ndarray, name: str, rows: int, source: str, quality: DataQuality
+        self,
+        values: np.ndarray,
+        name: str,
+        rows: int,
+        source: str,
+        lengths: np.ndarray | None,
+        repairs: list,
     ) -> np.ndarray:
         outside = values.view(np.uint64) >= rows  # negative ids wrap to huge values
         if not outside.any():
@@ -317,5 +352,5 @@ class BatchConverter:
                 f"size in data.categorical ({name}:ROWS) above the largest id, or set "
                 "data.oov=mod"
             )
-        quality.oov_ids[name] += n
+        repairs.append(("oov_ids", name, _per_row(outside, lengths)))
         return np.mod(values, rows)

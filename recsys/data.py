@@ -47,8 +47,8 @@ def check_pieces(pieces: list[Piece], spec: FeatureSpec, data: DataConfig) -> No
 
 @dataclass
 class _Item:
-    """A worker's batch (None while fast-forwarding), the repairs of its window (on its first
-    batch), and the pieces its window came from."""
+    """A worker's batch (None while fast-forwarding), the repairs in its rows, and the pieces its
+    window came from."""
 
     batch: Batch | None
     quality: DataQuality | None
@@ -118,6 +118,8 @@ class SplitReader:
         workers = [{"batches": 0, "pieces": []} for _ in share]
         start = {"epoch": epoch, "batches": 0, "workers": workers}
         self.position = copy.deepcopy(position) if position else start
+        if self.pad:  # evaluation: the counts of one pass over the split, however many are made
+            self.converter.quality.clear()
         skips = [w["batches"] for w in self.position["workers"]]
         streams = [
             prefetched(self._worker(pieces, epoch, w, skips[w]), self.prefetch)
@@ -152,14 +154,13 @@ class SplitReader:
                     n += 1
                     if item.batch is None:  # fast-forwarded, already counted in the position
                         continue
-                    if item.quality is not None:
-                        self.converter.quality.add(item.quality)
                     pos["batches"] += 1
                     pos["workers"][w]["batches"] += 1
                     pos["workers"][w]["pieces"] = item.sources
                     if drop:
                         drop -= 1
                         continue
+                    self.converter.quality.add(item.quality)  # counted as the consumer takes it
                     yield item.batch
             if self.pad and n < self._len:
                 padding = Padding.of(self.converter.spec)
@@ -233,9 +234,8 @@ class SplitReader:
             if i < skip:
                 yield _Item(None, None, sources)
                 continue
-            batch = columns.batch(start, min(start + self.batch_size, table.num_rows))
-            # a window's repairs count once, with its first batch (before any checkpoint of it)
-            yield _Item(batch, columns.quality if i == 0 else None, sources)
+            stop = min(start + self.batch_size, table.num_rows)
+            yield _Item(columns.batch(start, stop), columns.quality(start, stop), sources)
         return 0
 
 

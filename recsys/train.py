@@ -107,15 +107,18 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
     init_process_group(device)
     run_dir = Path(agree(str(run_dir)))  # rank 0's, should ranks' clocks name it differently
-    quality = DataQuality()
+    # repairs in the rows used: trained on (every epoch), and one pass of each evaluated split
+    quality = {split: DataQuality() for split in ("train", "validation", "test")}
     # each rank reads its own share of every split; evaluation gathers the ranks' predictions
     shard_of = {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
-    train = open_split(data, "train", quality, train=True, seed=typed.seed, **shard_of)
+    train = open_split(data, "train", quality["train"], train=True, seed=typed.seed, **shard_of)
     val = test = None
     if data.validation:
-        val = open_split(data, "validation", quality, False, tcfg.max_eval_batches, **shard_of)
+        val = open_split(
+            data, "validation", quality["validation"], False, tcfg.max_eval_batches, **shard_of
+        )
     if data.test:
-        test = open_split(data, "test", quality, False, tcfg.max_eval_batches, **shard_of)
+        test = open_split(data, "test", quality["test"], False, tcfg.max_eval_batches, **shard_of)
     spec = train.converter.spec  # table sizes from config or the vocabularies
     model = instantiate(cfg.model, _partial_=True, _convert_="all")(features=spec, device="meta")
     task = task_for(model, data)
@@ -153,7 +156,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     val_metrics = fit.evaluations[-1] if fit.evaluations else {}
     val_metrics = {k: v for k, v in val_metrics.items() if k != "step"}
     test_metrics = trainer.evaluate(test) if test is not None else {}
-    quality = _summed_over_ranks(quality)
+    quality = {split: _summed_over_ranks(q).to_dict() for split, q in quality.items()}
     wall = time.perf_counter() - start
     measures = {"parameters": parameter_count(model), "samples_per_s": fit.samples_per_s}
     entries = objective_entries(objectives, val_metrics, measures)
@@ -179,7 +182,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             "preemptions": fit.preemptions,
         },
         "wall_time_s": wall,
-        "data_quality": quality.to_dict(),
+        "data_quality": quality,
     }
     state = full_state_dict(model)  # a collective: every rank takes part, rank 0 writes
     if not is_rank0():
@@ -207,10 +210,11 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         ("peak RSS", f"{metrics['train']['peak_rss_mb']:,.0f} MB"),
         ("wall time", f"{wall:.1f} s"),
     ]
-    for kind, counts in quality.to_dict().items():
-        counts = {k: v for k, v in counts.items() if v}
-        if counts:
-            rows.append((kind.replace("_", " "), ", ".join(f"{k}: {v}" for k, v in counts.items())))
+    for split, kinds in quality.items():
+        for kind, counts in kinds.items():
+            if counts := {k: v for k, v in counts.items() if v}:
+                text = ", ".join(f"{k}: {v:,}" for k, v in counts.items())
+                rows.append((f"{split} {kind.replace('_', ' ')}", text))
     rows += [("run dir", str(run_dir)), ("model", str(model_path))]
     log.info("summary\n%s", summary_table(rows))
     return sweep_result(metrics)

@@ -53,9 +53,16 @@ def test_list_and_scalar_columns_become_kjt_values_and_lengths():
     assert b.dense_features[:, 0].tolist() == [0.5, -1.0, 2.0, -1.0, 1.0]
     assert q.to_dict() == {
         "dense_nulls_filled": {"x": 2},
-        "categorical_nulls": {"a": 1, "tags": 1},
+        "categorical_nulls": {"a": 1, "tags": 2},  # a null, and tags' empty and null lists
         "out_of_range_ids": {"a": 1},
     }
+
+
+def test_empty_and_null_lists_are_counted_with_a_missing_id_too():
+    q = DataQuality()
+    b = BatchConverter(SPEC, -1.0, OovPolicy.mod, q, missing_id=0)(table(), "mem")
+    assert b.sparse_features["tags"].lengths().tolist() == [2, 1, 1, 1, 3]
+    assert q.categorical_nulls == {"a": 1, "tags": 2}
 
 
 def test_sliced_list_columns_convert_from_their_own_offsets():
@@ -323,6 +330,28 @@ def test_a_saved_position_resumes_the_epoch_with_the_same_batches_and_counts(tmp
         tail = [b.dense_features[:, 0].tolist() for b in second.iterate(1, position)]
         assert head + tail == everything
         assert second.converter.quality == full.converter.quality
+
+
+def test_repairs_are_counted_in_the_rows_used(tmp_path):
+    n = 40
+    x = [None if i % 3 == 0 else 1.0 for i in range(n)]
+    tags = [[] if i % 4 == 0 else [1] for i in range(n)]
+    write(tmp_path / "train", pa.table({"y": np.zeros(n, np.int8), "x": x, "a": np.zeros(n, int),
+                                        "tags": tags}))  # fmt: skip
+    data = config(tmp_path, batch_size=4)  # the reader converts 8 batches at once, 4 ahead
+    train = open_split(data, "train", DataQuality(), train=True)
+    batches = iter(train)
+    taken = [next(batches) for _ in range(3)]
+    assert sum(b.labels.numel() for b in taken) == 12
+    assert train.converter.quality.dense_nulls == {"x": 4}  # rows 0, 3, 6, 9
+    assert train.converter.quality.categorical_nulls == {"tags": 3}  # rows 0, 4, 8
+    batches.close()
+    # an evaluation split counts one pass over it, however many times it is evaluated
+    evaluated = open_split(data, "train", DataQuality(), train=False)
+    for _ in range(2):
+        assert sum(b.labels.numel() for b in evaluated) == n
+        assert evaluated.converter.quality.dense_nulls == {"x": 14}
+        assert evaluated.converter.quality.categorical_nulls == {"tags": 10}
 
 
 def test_pieces_are_dealt_to_ranks_by_rows_so_few_are_dropped(tmp_path):

@@ -123,6 +123,13 @@ def test_early_stopping_tracks_direction_of_each_metric():
     assert es.best == 0.4 and es.best_step == 1
 
 
+def nulls_in(split: Path, rows: int, column: str = "d3") -> int:
+    """Nulls and NaNs in the first rows of a split's column, in the reader's order (by file)."""
+    values = ds.dataset(sorted(map(str, split.glob("*.parquet")))).to_table(columns=[column])
+    x = values.column(column).slice(0, rows).to_numpy()
+    return int(np.isnan(x).sum())
+
+
 def test_cli_run_writes_a_complete_run_dir(small_data, tmp_path):
     res = cli("trainer=debug", f"data.path={small_data}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
@@ -133,7 +140,13 @@ def test_cli_run_writes_a_complete_run_dir(small_data, tmp_path):
     assert "validation auc" in out and "train samples/s" in out and str(run_dir.name) in out
     m = metrics_of(run_dir)
     assert m["train"]["steps"] == 20 and m["train"]["samples_per_s"] > 0
-    assert m["data_quality"]["dense_nulls_filled"]["d3"] > 0  # the demo has nulls in d3
+    # the demo has nulls in d3: counted in the rows trained on and in one evaluation pass
+    quality = m["data_quality"]
+    assert quality["train"]["dense_nulls_filled"]["d3"] == nulls_in(small_data / "train", 20 * 4096)
+    assert quality["validation"]["dense_nulls_filled"]["d3"] == nulls_in(
+        small_data / "validation", 2 * 16384
+    )
+    assert "train dense nulls filled" in out
     assert (run_dir / "config.yaml").read_text().count("${") == 0  # resolved
     assert not list(run_dir.glob(".*.tmp"))
 
@@ -224,7 +237,7 @@ def test_no_parquet_files_names_the_path(tmp_path):
 
 def test_out_of_range_ids_are_folded_by_default_and_counted(small_data, tmp_path):
     _, m = train(small_data, tmp_path / "oov", "trainer=debug", categorical_override(c15=1000))
-    assert m["data_quality"]["out_of_range_ids"]["c15"] > 0
+    assert m["data_quality"]["train"]["out_of_range_ids"]["c15"] > 0
 
 
 @pytest.fixture(scope="session")
@@ -247,4 +260,4 @@ def test_every_model_trains_on_recis_orc(small_orc, tmp_path, model):
     value = run(cfg, tmp_path / model)
     m = metrics_of(tmp_path / model)
     assert m["train"]["steps"] == 15 and value == m["validation"]["auc"] > 0.55
-    assert m["data_quality"]["dense_nulls_filled"]["d3"] > 0  # nulls became empty lists
+    assert m["data_quality"]["train"]["dense_nulls_filled"]["d3"] > 0  # nulls: empty lists
