@@ -129,6 +129,8 @@ def run(cfg: DictConfig) -> dict:
     if typed.paths:
         data = replace(data, **{name: SplitConfig(list(typed.paths))})
     pieces, row_filter, where = split_pieces(data, name)
+    if typed.paths:  # files of their own, not the split's
+        where = f"{data.path} (paths: {', '.join(typed.paths)})"
     check_columns(pieces, part, keys)
     convert = BatchConverter(
         part,
@@ -144,7 +146,7 @@ def run(cfg: DictConfig) -> dict:
 
     @torch.no_grad()
     def fill(tmp: Path) -> int:
-        rows, parts = 0, 0
+        rows, parts, columns = 0, 0, {}
         for path, group in groupby(pieces, key=lambda p: p.fragment.path):
             writer = None
             for piece in group:
@@ -157,11 +159,12 @@ def run(cfg: DictConfig) -> dict:
                     if writer is None:
                         writer = pq.ParquetWriter(tmp / f"part-{parts:05d}.parquet", out.schema)
                         parts += 1
+                        columns = {f.name: str(f.type) for f in out.schema}
                     writer.write_table(out)
                     rows += out.num_rows
             if writer is not None:
                 writer.close()
-        info = {"run": str(run_dir), "input": where, "rows": rows, "keys": keys}
+        info = {"run": str(run_dir), "input": where, "rows": rows, "keys": keys, "columns": columns}
         (tmp / "_predict.json").write_text(json.dumps(info, indent=2) + "\n")
         return rows
 

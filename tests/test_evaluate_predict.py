@@ -112,6 +112,9 @@ def test_predict_writes_one_item_vector_per_input_row(interactions, two_tower_ru
     table = ds.dataset(out).to_table()
     assert result["rows"] == table.num_rows == 1_000
     assert table.column_names == ["item_id", "embedding"]
+    info = json.loads((out / "_predict.json").read_text())
+    assert info["input"].endswith("(paths: items)") and info["rows"] == 1_000
+    assert info["columns"] == {"item_id": "int64", "embedding": "fixed_size_list<item: float>[64]"}
     assert table["item_id"].to_pylist() == list(range(1_000))
     # the same vectors as the item tower computes from the interaction rows that hold the items
     model, _ = load_model(two_tower_run)
@@ -141,6 +144,9 @@ def test_predict_scores_equal_the_model_forward_on_every_row(small_data, deepfm_
     source = ds.dataset(small_data / "test").to_table(columns=["c0", "tags"])
     assert result["rows"] == table.num_rows == source.num_rows
     assert table.column_names == ["c0", "tags", "score", "probability"]
+    columns = json.loads((out / "_predict.json").read_text())["columns"]
+    assert columns == {"c0": "int64", "tags": "list<element: int64>", "score": "float",
+                       "probability": "float"}  # fmt: skip
     assert table["c0"].equals(source["c0"]) and table["tags"].equals(source["tags"])
     model, _ = load_model(deepfm_run)
     with torch.no_grad():
