@@ -51,7 +51,7 @@ def s3_error(e: OSError, where: str) -> DataError:
         return DataError(f"the bucket of {where} does not exist: fix the bucket in data.path")
     if "NETWORK_CONNECTION" in text or "Couldn't connect" in text or "curlCode" in text:
         return DataError(
-            f"cannot reach the S3 endpoint for {where} ({text.splitlines()[0][:120]}): "
+            f"cannot reach the S3 endpoint for {where} ({text.splitlines()[0]}): "
             "check data.s3.endpoint and that the server is up"
         )
     return DataError(f"reading {where} failed: {text.splitlines()[0]}")

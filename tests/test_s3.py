@@ -10,7 +10,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from recsys.batches import DataQuality
-from recsys.config import S3Config, SplitConfig
+from recsys.config import DataConfig, S3Config, SplitConfig
 from recsys.data import open_split
 from recsys.errors import DataError
 from recsys.train import run
@@ -100,6 +100,19 @@ def test_missing_bucket_and_prefix_say_so(s3):
         open_split(data_config(s3, "s3://no-such-bucket/x"), "train", DataQuality(), train=True)
     with pytest.raises(DataError, match=f"no parquet files at s3://{s3.bucket}/nothing-here"):
         open_split(data_config(s3, f"s3://{s3.bucket}/nothing-here"), "train", DataQuality(), True)
+
+
+def test_an_unreachable_endpoint_is_named_with_aws_text_in_full():
+    with socket.socket() as closed:  # a loopback port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    s3 = S3Config(endpoint=endpoint, region="us-east-1", access_key="a", secret_key="b",
+                  max_attempts=1)  # fmt: skip
+    data = DataConfig(path="s3://bucket/x", label="y", categorical=["a:10"], s3=s3)
+    with pytest.raises(DataError, match="cannot reach the S3 endpoint for s3://bucket/x") as e:
+        open_split(data, "train", DataQuality(), train=True)
+    aws = str(e.value).split(" (", 2)[2].rsplit("): check data.s3.endpoint", 1)[0]
+    assert "NETWORK_CONNECTION" in aws and aws.endswith("server"), aws  # not cut mid-word
 
 
 class FlakyProxy:
