@@ -75,6 +75,18 @@ def _order(path: Path) -> tuple:
     return (str(path.parent), int(path.name) if path.name.isdigit() else math.inf, path.name)
 
 
+def by_objective(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by what they optimise (auc, rmse, ...); runs without a value join the first."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(",".join(o["metric"] for o in run.objectives), []).append(run)
+    failed = groups.pop("", [])
+    if not groups:
+        return {"?": failed}
+    next(iter(groups.values())).extend(failed)
+    return groups
+
+
 def varied_keys(runs: list[Run]) -> list[str]:
     """Config keys whose values differ between the runs: the swept parameters."""
     keys = sorted({k for r in runs for k in r.config})
@@ -121,7 +133,7 @@ def table(runs: list[Run], keys: list[str]) -> str:
     return format_table(header, rows)
 
 
-def plot_history(runs: list[Run], out: Path) -> Path:
+def plot_history(runs: list[Run], path: Path) -> Path:
     """The first objective of each run in order, pruned runs marked, and the best so far."""
     import matplotlib
 
@@ -146,13 +158,12 @@ def plot_history(runs: list[Run], out: Path) -> Path:
     name = next((r.objectives[0]["metric"] for r in runs if r.objectives), "objective")
     ax.set(xlabel="run (trial) number", ylabel=name, title="optimisation history (x: pruned)")
     ax.legend()
-    path = out / HISTORY_PNG
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
-def plot_parallel(runs: list[Run], keys: list[str], out: Path) -> Path:
+def plot_parallel(runs: list[Run], keys: list[str], path: Path) -> Path:
     """Parallel coordinates: each run a line across its varied parameters, coloured by objective."""
     import matplotlib
 
@@ -176,7 +187,6 @@ def plot_parallel(runs: list[Run], keys: list[str], out: Path) -> Path:
     ax.set_xticks(range(len(axes)), axes, rotation=20, ha="right")
     ax.set_yticks([])
     ax.set_title("parallel coordinates (colour: objective, yellow = high)")
-    path = out / PARALLEL_PNG
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -202,15 +212,24 @@ def main(argv: list[str] | None = None) -> None:
     missing = [str(d) for d in args.dirs if not d.is_dir()]
     if missing:
         parser.error(f"not a directory: {', '.join(missing)}")
-    runs = find_runs(args.dirs)
+    dirs = [d.resolve() for d in args.dirs]  # given relative and absolute alike
+    runs = find_runs(dirs)
     if not runs:
         parser.error("no run dirs (with .hydra/ or metrics.json) under the given dirs")
-    keys = varied_keys(runs)
-    print(table(runs, keys))
-    out = args.out or Path(os.path.commonpath([str(d.resolve()) for d in args.dirs]))
+    out = args.out or Path(os.path.commonpath(dirs))
     out.mkdir(parents=True, exist_ok=True)
-    for path in (plot_history(runs, out), plot_parallel(runs, keys, out)):
-        print(f"wrote {path}")
+    groups = by_objective(runs)
+    for objective, group in groups.items():
+        # runs that optimise different metrics are ranked apart, each with its own plots
+        suffix = f"_{objective.replace(',', '_')}" if len(groups) > 1 else ""
+        if suffix:
+            print(f"\nruns optimising {objective}:")
+        keys = varied_keys(group)
+        print(table(group, keys))
+        history = plot_history(group, out / HISTORY_PNG.replace(".png", f"{suffix}.png"))
+        parallel = plot_parallel(group, keys, out / PARALLEL_PNG.replace(".png", f"{suffix}.png"))
+        for path in (history, parallel):
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":
