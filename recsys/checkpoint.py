@@ -38,8 +38,9 @@ def rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.pt"
 
 
-def describe(model: nn.Module) -> dict:
-    """What a checkpoint must agree on with the model it loads into: class and shapes."""
+def describe(model: nn.Module, settings: dict | None = None) -> dict:
+    """What a checkpoint must agree on with the model it loads into: class and shapes, and the
+    model config (`settings`) that made them, to name what differs in the user's terms."""
     tables = {
         t.name: [t.num_embeddings, t.embedding_dim] for t in model.ebc.embedding_bag_configs()
     }
@@ -49,7 +50,7 @@ def describe(model: nn.Module) -> dict:
         if not name.startswith("ebc.")  # the tables, described above
     }
     return {"model": f"{type(model).__module__}.{type(model).__qualname__}", "tables": tables,
-            "dense": dense}  # fmt: skip
+            "dense": dense, "settings": settings or {}}  # fmt: skip
 
 
 def check_compatible(manifest: dict, expected: dict, path: Path) -> None:
@@ -67,6 +68,11 @@ def check_compatible(manifest: dict, expected: dict, path: Path) -> None:
             old, new = saved.get(name), now.get(name)
             if old != new:
                 diffs.append(f"{unit} {name}: checkpoint {_shape(old)}, this run {_shape(new)}")
+    saved, now = manifest.get("settings"), expected["settings"]
+    if diffs and saved and now:  # the model config keys that differ, not the shapes they make
+        keys = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+        named = [f"model.{k}: checkpoint {saved.get(k)}, this run {now.get(k)}" for k in keys]
+        diffs = named or diffs
     if diffs:
         more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
         raise ConfigError(

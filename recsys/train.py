@@ -16,7 +16,7 @@ import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from recsys import checkpoint
@@ -127,7 +127,9 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     monitor = _metric(
         tcfg.early_stopping.metric or objective, task.metrics, "trainer.early_stopping.metric"
     )
-    description = checkpoint.describe(model)
+    description = checkpoint.describe(
+        model, OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
+    )
     model = shard(model, device, tcfg.sparse_optimizer, tcfg.sharding)
     dense_opt = instantiate(cfg.trainer.dense_optimizer, params=dense_parameters(model))
     checkpoints = run_dir / "checkpoints"

@@ -126,7 +126,7 @@ def test_half_written_and_corrupt_checkpoints_are_skipped_for_an_older_one(
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("model.embedding_dim=32", "does not fit this run's model: table t_c0: checkpoint"),
+        ("model.embedding_dim=32", "model.embedding_dim: checkpoint 16, this run 32"),
         ("model=fm", "holds a recsys.models.DeepFM, this run builds a recsys.models.FM"),
     ],
 )
