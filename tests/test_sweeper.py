@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -51,6 +52,8 @@ def test_best_params_are_written_and_printed_with_the_storage(tmp_path):
     assert best["best"][0]["values"] == [study.best_value]
     assert f"x={study.best_params['x']!r}" in best["best"][0]["overrides"]
     assert "best 4 of 4 complete" in out.stdout and "optuna-dashboard" in out.stdout
+    installed = importlib.util.find_spec("optuna_dashboard") is not None
+    assert installed or "pip install optuna-dashboard" in out.stdout  # how to get the viewer
     assert str(tmp_path / "optuna.journal") in out.stdout
     # jobs ran in dirs named by trial number, each with its own params
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["0", "1", "2", "3"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import time
@@ -158,13 +159,13 @@ def run_study(
     OmegaConf.save(config, sweep_dir / "multirun.yaml")
     n_trials, failures = settings["n_trials"], 0
     log.info(
-        "study %r (%s): %d of %d trials finished; storage %s (view: optuna-dashboard %s)",
+        "study %r (%s): %d of %d trials finished; storage %s (view: %s)",
         study.study_name,
         ", ".join(directions),
         _finished(study),
         n_trials,
         spec,
-        spec,
+        dashboard(spec),
     )
     exhausted = False
     while not exhausted and (left := n_trials - _finished(study)) > 0:
@@ -203,8 +204,16 @@ def run_study(
     if exhausted:
         log.info("the sampler has tried every point of the search space")
     log.info(write_results(study, space, sweep_dir, spec))
-    log.info("study stored in %s; view it with: optuna-dashboard %s", spec, spec)
+    log.info("study stored in %s; view it with: %s", spec, dashboard(spec))
     return study
+
+
+def dashboard(spec: str) -> str:
+    """The command that opens the study, and how to get it where it is not installed."""
+    command = f"optuna-dashboard {spec}"
+    if importlib.util.find_spec("optuna_dashboard") is None:
+        command += " (install it with: pip install optuna-dashboard)"
+    return command
 
 
 def _numbers(trials: list[optuna.Trial]) -> list[int]:
