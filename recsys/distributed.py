@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections import Counter
 from typing import TypeVar
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingPlan
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -38,10 +40,16 @@ SPARSE_OPTIMIZERS = {
 }
 
 
+def _not_fbgemm_dump(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("[TBE=")
+
+
 def quiet_torchrec() -> None:
     """Silence TorchRec's and torch.distributed's advisory warnings on every run."""
     for name in ("torchrec", "fbgemm_gpu", "torch.distributed", "torch.fx"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # FBGEMM's table kernels log their arguments through the root logger itself
+    logging.getLogger().addFilter(_not_fbgemm_dump)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -132,9 +140,40 @@ def shard(
     }
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     plan = planner.collective_plan(model)
-    dmp = DistributedModelParallel(model, device=device, plan=plan)
-    log.info("sharding plan:\n%s", str(dmp.plan).strip())
-    return dmp
+    return DistributedModelParallel(model, device=device, plan=plan)
+
+
+def plan_summary(plan: ShardingPlan) -> str:
+    """The plan in one line: how the tables are sharded and how many each rank holds."""
+    tables = [p for module in plan.plan.values() for p in module.values()]
+    kinds = Counter(f"{p.sharding_type}/{p.compute_kernel}" for p in tables)
+    ranks = Counter(r for p in tables for r in set(p.ranks or []))
+    return (
+        f"{len(tables)} tables ({', '.join(f'{n} {k}' for k, n in kinds.items())}); tables per "
+        f"rank: {', '.join(f'{r}: {n}' for r, n in sorted(ranks.items()))}"
+    )
+
+
+class _RankFormatter(logging.Formatter):
+    """Another formatter's lines, prefixed with the process's rank."""
+
+    def __init__(self, inner: logging.Formatter | None, rank: int):
+        super().__init__()
+        self.inner, self.rank = inner or logging.Formatter(), rank
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"[rank {self.rank}] {self.inner.format(record)}"
+
+
+def log_ranks() -> None:
+    """With several ranks, every log line names its rank and only rank 0 logs below warnings."""
+    if dist.get_world_size() == 1:
+        return
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler.formatter, _RankFormatter):
+            handler.setFormatter(_RankFormatter(handler.formatter, dist.get_rank()))
+    if dist.get_rank() != 0:  # what recsys logs is global, or rank 0's share of it
+        logging.getLogger("recsys").setLevel(logging.WARNING)
 
 
 def dense_parameters(model: nn.Module) -> list[nn.Parameter]:

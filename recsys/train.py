@@ -30,6 +30,8 @@ from recsys.distributed import (
     full_state_dict,
     init_process_group,
     is_rank0,
+    log_ranks,
+    plan_summary,
     quiet_torchrec,
     resolve_device,
     shard,
@@ -106,6 +108,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     device = resolve_device(tcfg.device)
 
     init_process_group(device)
+    log_ranks()
     run_dir = Path(agree(str(run_dir)))  # rank 0's, should ranks' clocks name it differently
     # repairs in the rows used: trained on (every epoch), and one pass of each evaluated split
     quality = {split: DataQuality() for split in ("train", "validation", "test")}
@@ -144,13 +147,18 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     if is_rank0():
         save_config(run_dir, cfg)
         write_text(run_dir / "sharding_plan.txt", str(model.plan).strip() + "\n")
+    log.info("sharding plan: %s (in full: sharding_plan.txt)", plan_summary(model.plan))
+    ranks = dist.get_world_size()
+    rows = sum(p.rows for share in train.shares for worker in share for p in worker)
     log.info(
-        "training %s on %s: %d train rows, %d steps/epoch, batch %d, device %s",
+        "training %s on %s: %s train rows%s, %d steps/epoch, batch %d%s, device %s",
         type(model.module).__name__,
         data.path,
-        train.num_rows,
+        f"{rows:,}",
+        f" over {ranks} ranks" if ranks > 1 else "",
         len(train),
         data.batch_size,
+        f" per rank ({data.batch_size * ranks} in all)" if ranks > 1 else "",
         device,
     )
     with preemption:

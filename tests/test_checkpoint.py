@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -165,7 +166,13 @@ def train_on(nproc: int, small_data: Path, run_dir: Path, *extra: str):
 def test_two_ranks_learn_like_one_rank_with_the_same_global_batch(small_data, tmp_path):
     two = train_on(2, small_data, tmp_path / "two", "data.batch_size=2048")
     assert "rank:1/cpu" in (tmp_path / "two" / "sharding_plan.txt").read_text()
-    assert "rank:1/cpu" in two.stdout + two.stderr  # the plan is printed
+    # each line is printed once, by rank 0 (warnings by any rank), tagged with its rank
+    log = two.stdout + two.stderr
+    lines = re.findall(r"^(?:\[rank \d+\] )?\[\d\d:\d\d:\d\d\] .*$", log, re.MULTILINE)
+    assert lines and all(line.startswith("[rank 0] ") for line in lines), lines
+    assert "tables per rank: 0: " in log and ", 1: " in log  # the plan, in one line
+    assert "train rows over 2 ranks" in log and "batch 2048 per rank (4096 in all)" in log
+    assert "TBE=" not in log and "shard offsets" not in log  # FBGEMM's and the plan's dumps
     steps = metrics_of(tmp_path / "two")["train"]["steps"]
     train_on(1, small_data, tmp_path / "one", "data.batch_size=4096", f"trainer.max_steps={steps}")
     one, two = metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")
