@@ -2,7 +2,8 @@
 
 `python -m recsys.vocabulary [data=...] [data.vocabulary_min_count=N]` counts them and writes
 <data.path>/_vocab/<column>.parquet (value, count) and vocab.json last, so a half-written
-vocabulary is never read. With `data.vocabulary=true` each table gets one row per kept id plus
+vocabulary is never read; an embedded demo set's go to <cache>/vocab/<set>, leaving the shared
+demo data as it was generated. With `data.vocabulary=true` each table gets one row per kept id plus
 row 0 for ids not in it (unseen, or rarer than min_count), and raw ids, integers or strings,
 map to their rows by a sorted-array lookup.
 """
@@ -11,17 +12,19 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import hydra
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from recsys import config as schema
 from recsys.batches import hash_strings
-from recsys.config import DataConfig
+from recsys.config import DataConfig, demo_dir
 from recsys.errors import DataError, RecsysError
 from recsys.sources import filesystem, split_pieces
 
@@ -64,23 +67,32 @@ def for_data(data: DataConfig) -> dict[str, Vocabulary] | None:
     return load(data) if data.vocabulary else None
 
 
+def location(data: DataConfig) -> tuple[pafs.FileSystem, str]:
+    """The file system and directory of data.path's vocabularies."""
+    fs, root = filesystem(data.path, data.s3)
+    demo = Path(demo_dir("")).resolve()
+    if isinstance(fs, pafs.LocalFileSystem) and Path(root).parent == demo:
+        return fs, str(demo.parent / "vocab" / Path(root).name)
+    return fs, f"{root}/{VOCAB_DIR}"
+
+
 def load(data: DataConfig) -> dict[str, Vocabulary]:
     """The vocabularies of data.path's categorical columns, as `recsys.vocabulary` wrote them."""
-    fs, root = filesystem(data.path, data.s3)
-    index_path = f"{root}/{VOCAB_DIR}/{INDEX}"
+    fs, where = location(data)
+    index_path = f"{where}/{INDEX}"
     try:
         with fs.open_input_stream(index_path) as f:
             text = f.read().decode()
             index = json.loads(text)
     except (FileNotFoundError, OSError):
         raise DataError(
-            f"data.vocabulary=true but {data.path} has no vocabulary ({VOCAB_DIR}/{INDEX}): "
+            f"data.vocabulary=true but {data.path} has no vocabulary ({index_path}): "
             "run `python -m recsys.vocabulary` with the same data overrides first"
         ) from None
     missing = [c for c in data.tables if c not in index["columns"]]
     if missing:
         raise DataError(
-            f"the vocabulary in {data.path}/{VOCAB_DIR} lacks column(s) {missing}: run "
+            f"the vocabulary in {where} lacks column(s) {missing}: run "
             "`python -m recsys.vocabulary` again with the current data.categorical"
         )
     out = {}
@@ -91,7 +103,7 @@ def load(data: DataConfig) -> dict[str, Vocabulary]:
             name,
         )  # vocab.json is rewritten by every build, so it keys freshness
         if key not in _LOADED:
-            with fs.open_input_file(f"{root}/{VOCAB_DIR}/{name}.parquet") as f:
+            with fs.open_input_file(f"{where}/{name}.parquet") as f:
                 values = pq.read_table(f, columns=["value"]).column(0).combine_chunks()
             _LOADED[key] = Vocabulary(values)
         out[name] = _LOADED[key]
@@ -105,7 +117,7 @@ _LOADED: dict[tuple[str, str, str], Vocabulary] = {}
 def build(data: DataConfig) -> dict:
     """Count every categorical column's ids over the train split and write the vocabularies."""
     columns = list(data.tables)
-    pieces, row_filter, where = split_pieces(data, "train")
+    pieces, row_filter, split = split_pieces(data, "train")
     counts: dict[str, list[pa.Table]] = {c: [] for c in columns}
     rows = 0
     for piece in pieces:
@@ -120,20 +132,20 @@ def build(data: DataConfig) -> dict:
                 counts[c].append(pa.table({"value": vc.field(0), "count": vc.field(1)}))
             if sum(len(t) for t in counts[columns[0]]) > 1 << 22:
                 counts = {c: [_merge(ts)] for c, ts in counts.items()}
-    fs, root = filesystem(data.path, data.s3)
-    fs.create_dir(f"{root}/{VOCAB_DIR}", recursive=True)
+    fs, where = location(data)
+    fs.create_dir(where, recursive=True)
     index: dict = {"split": "train", "rows": rows, "min_count": data.vocabulary_min_count,
                    "columns": {}}  # fmt: skip
     for c in columns:
         table = _merge(counts[c])
         kept = table.filter(pc.greater_equal(table["count"], data.vocabulary_min_count))
-        with fs.open_output_stream(f"{root}/{VOCAB_DIR}/{c}.parquet") as f:
+        with fs.open_output_stream(f"{where}/{c}.parquet") as f:
             pq.write_table(kept, f)
         index["columns"][c] = {"distinct": len(table), "kept": len(kept),
                                "table_rows": len(kept) + 1}  # fmt: skip
-    with fs.open_output_stream(f"{root}/{VOCAB_DIR}/{INDEX}") as f:
+    with fs.open_output_stream(f"{where}/{INDEX}") as f:
         f.write(json.dumps(index, indent=2).encode())
-    log.info("vocabularies of %s written to %s/%s", where, data.path, VOCAB_DIR)
+    log.info("vocabularies of %s written to %s", split, where)
     return index
 
 
@@ -146,7 +158,7 @@ def _merge(tables: list[pa.Table]) -> pa.Table:
     return merged.sort_by([("count", "descending"), ("value", "ascending")])
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="vocabulary")
 def main(cfg: DictConfig) -> None:
     """Entry point: counts over the configured data's train split; the model is not used."""
     try:

@@ -13,6 +13,7 @@ from recsys.data import open_split, prefetched
 from recsys.errors import ConfigError, DataError
 from recsys.features import FeatureSpec
 from recsys.sources import list_files, parse_filter
+from tests.conftest import cli
 
 SPEC = FeatureSpec("y", Task.binary, ("x",), (("a", 10), ("tags", 100)))
 
@@ -302,6 +303,21 @@ def test_vocabulary_sizes_tables_and_maps_ids_by_frequency(tmp_path):
     assert b.sparse_features["a"].values().tolist() == [1, 1, 1, 2, 2, 0, 1, 2, 0, 1, 2]
     # tags: red (6) -> 1, blue (2) and green (2): ties broken by value, blue -> 2, green -> 3
     assert b.sparse_features["tags"].values().tolist()[:5] == [1, 2, 1, 1, 3]
+
+
+def test_the_vocabulary_pass_leaves_no_run_dir_and_a_demo_set_as_generated(tmp_path):
+    demo = tmp_path / "cache" / "demo" / "tiny"  # an embedded demo set, as the cache holds it
+    numbered(demo, [30])
+    args = [f"data.path={demo}", "data.label=y", "data.dense=[x]", "data.categorical=[a,tags]",
+            "data.vocabulary=true", "data.validation=null", "data.test=null"]  # fmt: skip
+    (tmp_path / "work").mkdir()
+    env = {"RECSYS_CACHE": str(tmp_path / "cache")}
+    out = cli(*args, module="vocabulary", cwd=tmp_path / "work", env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "vocabularies of" in out.stdout + out.stderr
+    assert not list((tmp_path / "work").iterdir())  # no experiments/<date>/..., no log file
+    assert sorted(p.name for p in demo.iterdir()) == ["train"]
+    assert (tmp_path / "cache" / "vocab" / "tiny" / "vocab.json").exists()
 
 
 def test_a_saved_position_resumes_the_epoch_with_the_same_batches_and_counts(tmp_path):
