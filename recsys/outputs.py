@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,18 @@ def write_dir_atomic(path: Path, fill: Any) -> Any:
         return result
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def set_aside_earlier_run(run_dir: Path) -> Path | None:
+    """Move an earlier run's checkpoints and TensorBoard files out of a fresh run's way."""
+    earlier = [p for p in [run_dir / "checkpoints", *run_dir.glob("events.out.*")] if p.exists()]
+    if not earlier:
+        return None
+    aside = run_dir / "earlier" / time.strftime("%Y%m%d-%H%M%S")
+    aside.mkdir(parents=True)
+    for path in earlier:
+        path.rename(aside / path.name)
+    return aside
 
 
 def write_text(path: Path, text: str) -> None:

@@ -51,6 +51,7 @@ from recsys.outputs import (
     save_config,
     save_model,
     secrets,
+    set_aside_earlier_run,
     summary_table,
     write_json,
     write_text,
@@ -138,13 +139,19 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     checkpoints = run_dir / "checkpoints"
     preemption = Preemption()
     ckpt = Checkpointing(checkpoints, description, preemption, run_dir)
-    writer = SummaryWriter(log_dir=str(run_dir)) if is_rank0() else None
     # the trainer takes the configured learning rates before a checkpoint's replace them
-    trainer = Trainer(model, dense_opt, tcfg, task, device, writer, monitor, ckpt)
+    trainer = Trainer(model, dense_opt, tcfg, task, device, None, monitor, ckpt)
     restored = checkpoint.restore(
         checkpoint.candidates(checkpoints, tcfg.resume), model, dense_opt, description
     )
+    writer = None
     if is_rank0():
+        if restored is None and (aside := set_aside_earlier_run(run_dir)):
+            log.warning("starting over: the earlier run's checkpoints and TensorBoard files in "
+                        "this run dir were moved to %s", aside)  # fmt: skip
+        # a resumed run's curves go on from its checkpoint, hiding what came after it before
+        step = restored.trainer_state["fit"]["steps"] if restored else None
+        trainer.writer = writer = SummaryWriter(log_dir=str(run_dir), purge_step=step)
         save_config(run_dir, cfg)
         write_text(run_dir / "sharding_plan.txt", str(model.plan).strip() + "\n")
     log.info("sharding plan: %s (in full: sharding_plan.txt)", plan_summary(model.plan))

@@ -227,6 +227,19 @@ def test_bad_input_gets_one_clear_message(small_data, tmp_path, args, message):
         assert not (run_dir / "metrics.json").exists() and not (run_dir / "model.pt").exists()
 
 
+def test_starting_over_in_a_used_run_dir_sets_the_earlier_run_aside(small_data, tmp_path):
+    short = ("trainer=debug", "trainer.max_steps=4", "data.test=null")
+    train(small_data, tmp_path, *short)
+    first = sorted(p.name for p in tmp_path.glob("events.out.*"))
+    train(small_data, tmp_path, *short, "trainer.resume=never")
+    aside = list((tmp_path / "earlier").iterdir())
+    assert len(aside) == 1  # the first run's checkpoints and curves, kept, out of the way
+    assert sorted(p.name for p in aside[0].glob("events.out.*")) == first
+    assert [p.name for p in (aside[0] / "checkpoints").iterdir()] == ["step-000000004"]
+    assert not set(first) & {p.name for p in tmp_path.glob("events.out.*")}
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000000004"]
+
+
 def test_no_parquet_files_names_the_path(tmp_path):
     (tmp_path / "empty").mkdir()
     res = cli("trainer=debug", f"data.path={tmp_path / 'empty'}", cwd=tmp_path)
