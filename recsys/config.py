@@ -321,18 +321,49 @@ class DenseOptimizerConfig:
 
 @dataclass
 class SparseOptimizerConfig:
-    """The FBGEMM optimizer fused into the embedding tables' backward pass.
+    """The optimizer of the embedding tables, fused into their backward pass.
 
-    No weight decay: FBGEMM's CPU kernels ignore it (same weights with 0 and 0.5, measured).
+    sgd, adagrad and rowwise_adagrad are FBGEMM's kernels; adam is FBGEMM's on CUDA and a
+    row-sparse Adam over each batch's rows on CPU (recsys/sparse_adam.py). `eps` (null: 1e-8)
+    belongs to adagrad, rowwise_adagrad and adam, `betas` (null: [0.9, 0.999]) to adam; setting
+    one the type lacks is refused. No weight decay: FBGEMM's CPU kernels ignore it (measured).
     """
 
-    type: SparseOptimizer = SparseOptimizer.rowwise_adagrad
-    lr: float = 0.05
-    eps: float = 1e-8
+    type: SparseOptimizer = SparseOptimizer.adagrad
+    lr: float = 0.02
+    eps: float | None = None
+    betas: list[float] | None = None
 
     def __post_init__(self) -> None:
         _positive("trainer.sparse_optimizer.lr", self.lr)
         _positive("trainer.sparse_optimizer.eps", self.eps)
+        if self.eps is not None and self.type is SparseOptimizer.sgd:
+            raise ConfigError(
+                "trainer.sparse_optimizer.eps is set but sgd has no eps: remove it, or pick "
+                "adagrad, rowwise_adagrad or adam"
+            )
+        if self.betas is not None and self.type is not SparseOptimizer.adam:
+            raise ConfigError(
+                f"trainer.sparse_optimizer.betas is set but {self.type.value} has no betas: "
+                "remove it, or use trainer.sparse_optimizer.type=adam"
+            )
+        if self.betas is not None and (
+            len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas)
+        ):
+            raise ConfigError(
+                f"trainer.sparse_optimizer.betas={list(self.betas)} is out of range: give two "
+                "numbers in [0, 1), e.g. [0.9, 0.999]"
+            )
+
+    @property
+    def kwargs(self) -> dict:
+        """Keyword arguments of the torch optimizer class that selects the fused kernel."""
+        kwargs: dict = {"lr": self.lr}
+        if self.type is not SparseOptimizer.sgd:
+            kwargs["eps"] = 1e-8 if self.eps is None else self.eps
+        if self.type is SparseOptimizer.adam:
+            kwargs["betas"] = tuple(self.betas or (0.9, 0.999))
+        return kwargs
 
 
 @dataclass

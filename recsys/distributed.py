@@ -28,6 +28,7 @@ from recsys.config import (
     SparseOptimizerConfig,
 )
 from recsys.errors import ConfigError
+from recsys.sparse_adam import PROBE_LR, RowSparseAdam, table_kernels
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -121,15 +122,10 @@ def shard(
             f"trainer.sharding.compute_kernels has {uvm}, which keep tables in host memory for a "
             "GPU: on CPU use [fused]"
         )
+    kernel, kwargs = SPARSE_OPTIMIZERS[sparse.type], sparse.kwargs
     if device.type == "cpu" and sparse.type is SparseOptimizer.adam:
-        raise ConfigError(
-            "trainer.sparse_optimizer.type=adam is not supported by FBGEMM's CPU kernels: "
-            "use rowwise_adagrad (default), adagrad or sgd on CPU; adam works on CUDA"
-        )
-    kwargs: dict = {"lr": sparse.lr}
-    if sparse.type is not SparseOptimizer.sgd:
-        kwargs["eps"] = sparse.eps
-    apply_optimizer_in_backward(SPARSE_OPTIMIZERS[sparse.type], model.ebc.parameters(), kwargs)
+        kernel, kwargs = torch.optim.SGD, {"lr": PROBE_LR}  # RowSparseAdam turns it into Adam
+    apply_optimizer_in_backward(kernel, model.ebc.parameters(), kwargs)
     topology = Topology(world_size=dist.get_world_size(), compute_device=device.type)
     constraints = {
         table.name: ParameterConstraints(
@@ -174,6 +170,16 @@ def log_ranks() -> None:
             handler.setFormatter(_RankFormatter(handler.formatter, dist.get_rank()))
     if dist.get_rank() != 0:  # what recsys logs is global, or rank 0's share of it
         logging.getLogger("recsys").setLevel(logging.WARNING)
+
+
+def row_sparse_adam(
+    model: DistributedModelParallel, device: torch.device, sparse: SparseOptimizerConfig
+) -> RowSparseAdam | None:
+    """The tables' Adam on CPU, over the sharded model's kernels; None for FBGEMM's own."""
+    if device.type != "cpu" or sparse.type is not SparseOptimizer.adam:
+        return None
+    kw = sparse.kwargs
+    return RowSparseAdam(table_kernels(model), kw["lr"], kw["betas"], kw["eps"])
 
 
 def dense_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from functools import partial
 
 import torch
@@ -14,14 +15,9 @@ from recsys.config import CrossStructure, Pooling
 from recsys.features import FeatureSpec
 
 
-def table_width(vector_dim: int, first_order: bool) -> int:
-    """Columns of a table: the vector, then the first-order weight, padded to a multiple of 4.
-
-    FBGEMM's fused CPU kernels need widths that are multiples of 4, so a dim-1 bias table
-    cannot be fused; the bias rides in the vector's table instead and shares its lookup.
-    """
-    width = vector_dim + int(first_order)
-    return -(-width // 4) * 4
+def table_width(dim: int) -> int:
+    """Columns of a table: `dim` padded to a multiple of 4, as FBGEMM's fused CPU kernels need."""
+    return -(-dim // 4) * 4
 
 
 def fm_pairwise(fields: torch.Tensor) -> torch.Tensor:
@@ -47,7 +43,13 @@ def mlp(
 
 
 class EmbeddingModel(nn.Module):
-    """Owns the embedding tables: one per categorical feature, each with an optional bias column."""
+    """Owns the embedding tables: per categorical feature a vector table `t_<column>` and, for
+    models with first-order weights, a table `w_<column>` of its own.
+
+    The first-order weight has its own table (column 0 of a 4-wide row, FBGEMM's narrowest) so
+    that its optimizer state is its own: folded into the vector's row, row-wise Adagrad's one
+    accumulator let the large first-order gradients shrink the vectors' steps.
+    """
 
     def __init__(
         self,
@@ -62,34 +64,57 @@ class EmbeddingModel(nn.Module):
         self.features = features
         self.vector_dim = embedding_dim
         self.first_order = first_order
-        self.width = table_width(embedding_dim, first_order)
+        kinds = [("t", table_width(embedding_dim))] if embedding_dim else []
+        kinds += [("w", table_width(1))] if first_order else []
+        pool = PoolingType[Pooling(pooling).name.upper()]
         init = partial(nn.init.normal_, mean=0.0, std=init_std)
         self.ebc = EmbeddingBagCollection(
             tables=[
                 EmbeddingBagConfig(
-                    name=f"t_{name}",
-                    embedding_dim=self.width,
+                    name=f"{kind}_{name}",
+                    embedding_dim=width,
                     num_embeddings=rows,
                     feature_names=[name],
-                    pooling=PoolingType[Pooling(pooling).name.upper()],
+                    pooling=pool,
                     init_fn=init,
                 )
+                for kind, width in kinds
                 for name, rows in features.categorical
             ],
             device=torch.device(device),
         )
         self.num_dense = len(features.dense)
         self.num_sparse = len(features.categorical)
+        self._columns: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _layout(self, keys: list[str], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Columns of the pooled output holding the vectors [F * k] and first-order weights [F].
+
+        Keys are `column` or, when a column feeds two tables, `column@table`; tables sharded
+        over several ranks come back grouped by rank, so the order is looked up once per layout.
+        """
+        starts = dict(zip(keys, itertools.accumulate([0, *lengths]), strict=False))
+        names = self.features.categorical_names
+
+        def start(kind: str, name: str) -> int:
+            return starts.get(f"{name}@{kind}_{name}", starts.get(name, 0))
+
+        vectors = [start("t", n) + c for n in names for c in range(self.vector_dim)]
+        bias = [start("w", n) for n in names] if self.first_order else []
+        return torch.tensor(vectors, dtype=torch.long), torch.tensor(bias, dtype=torch.long)
 
     def embed(self, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Pooled vectors [B, F, k] and first-order weights [B, F] (if any) of the features."""
         pooled = self.ebc(sparse)
-        keys, names = pooled.keys(), self.features.categorical_names
-        pooled = pooled.values().view(-1, self.num_sparse, self.width)
-        if keys != names:  # tables sharded over several ranks come back grouped by rank
-            pooled = pooled[:, [keys.index(name) for name in names]]
-        bias = pooled[..., self.vector_dim] if self.first_order else None
-        return pooled[..., : self.vector_dim], bias
+        keys = tuple(pooled.keys())
+        if keys not in self._columns:
+            self._columns[keys] = self._layout(list(keys), pooled.length_per_key())
+        vector_cols, bias_cols = self._columns[keys]
+        values = pooled.values()
+        vectors = values[:, vector_cols.to(values.device)]
+        vectors = vectors.view(values.shape[0], self.num_sparse, self.vector_dim)
+        bias = values[:, bias_cols.to(values.device)] if self.first_order else None
+        return vectors, bias
 
 
 class LR(EmbeddingModel):

@@ -26,6 +26,7 @@ from recsys.batches import DataQuality
 from recsys.checkpoint import Restored
 from recsys.config import LrDecay, LrScheduleConfig, TrainerConfig
 from recsys.data import SplitReader
+from recsys.distributed import row_sparse_adam
 from recsys.errors import RecsysError
 from recsys.metrics import higher_is_better
 from recsys.preemption import Preemption
@@ -135,6 +136,8 @@ class Trainer:
         self.model = model
         self.dense_optimizer = dense_optimizer
         self.fused_optimizer = getattr(model, "fused_optimizer", None)
+        # on CPU, Adam of the tables runs after backward over the fused SGD's rows
+        self.row_sparse = row_sparse_adam(model, device, cfg.sparse_optimizer)
         self.cfg = cfg
         self.task = task
         self.device = device
@@ -145,14 +148,16 @@ class Trainer:
         self._base_lrs = [[g["lr"] for g in opt.param_groups] for opt in self._optimizers()]
         self._last_save = time.monotonic()
 
-    def _optimizers(self) -> list[torch.optim.Optimizer]:
-        return [o for o in (self.dense_optimizer, self.fused_optimizer) if o is not None]
+    def _optimizers(self) -> list:
+        """The optimizers whose learning rates the schedule scales."""
+        sparse = self.row_sparse or self.fused_optimizer  # the fused SGD under Adam keeps its rate
+        return [o for o in (self.dense_optimizer, sparse) if o is not None]
 
     def _set_lr(self, factor: float) -> float:
         for opt, bases in zip(self._optimizers(), self._base_lrs, strict=True):
             for group, base in zip(opt.param_groups, bases, strict=True):
                 group["lr"] = base * factor
-        if self.fused_optimizer is not None:
+        if self.fused_optimizer is not None and self.row_sparse is None:
             self.fused_optimizer.step()  # hands the new lr to FBGEMM; the update ran in backward
         return self._base_lrs[0][0] * factor
 
@@ -200,6 +205,8 @@ class Trainer:
                 batch = self._to_device(batch)
                 loss = self.task.loss(self.model, batch)
                 (loss / accum).backward()
+                if self.row_sparse is not None:
+                    self.row_sparse.step()
                 result.steps += 1
                 result.epoch_batches += 1
                 result.first_step_at = result.first_step_at or time.time()
@@ -288,6 +295,10 @@ class Trainer:
         rank_state = restored.rank_state
         set_rng_state(rank_state["rng"])
         workers = len(train.shares[train.rank])
+        if restored.same_layout and self.row_sparse is not None:
+            self.row_sparse.load_state_dict(rank_state["sparse_adam"])
+        elif self.row_sparse is not None:
+            log.warning("the tables' Adam moments restart: they are kept per rank layout")
         if restored.same_layout and len(rank_state["position"]["workers"]) == workers:
             train.converter.quality.add(DataQuality.from_dict(rank_state["quality"]))
             position = rank_state["position"]
@@ -338,6 +349,7 @@ class Trainer:
             "steps_per_epoch": len(train),
         }
         rank_state = {"rng": rng_state(), "position": copy.deepcopy(train.position),
+                      "sparse_adam": self.row_sparse and self.row_sparse.state_dict(),
                       "quality": train.converter.quality.to_dict()}  # fmt: skip
         started = time.perf_counter()
         path = checkpoint.save(ck.root, result.steps, self.model, trainer_state, rank_state,

@@ -24,8 +24,8 @@ def tiny_batch():
     return dense, kjt
 
 
-def table(model, name):
-    return model.ebc.embedding_bags[f"t_{name}"].weight.detach()
+def table(model, name, kind="t"):
+    return model.ebc.embedding_bags[f"{kind}_{name}"].weight.detach()
 
 
 def fields_by_hand(model, dense, k):
@@ -37,7 +37,7 @@ def fields_by_hand(model, dense, k):
         for name in ["a", "b", "tags"]:
             t = table(model, name)
             v = sum((t[i, :k] for i in ids[name][r]), torch.zeros(k))
-            first += sum(t[i, k].item() for i in ids[name][r])
+            first += sum(table(model, name, "w")[i, 0].item() for i in ids[name][r])
             vecs.append(v)
         for d in range(dense.shape[1]):
             vecs.append(dense[r, d] * model.dense_vectors[d].detach())
@@ -56,11 +56,9 @@ def test_sum_square_trick_equals_explicit_pairwise_sum():
     torch.testing.assert_close(fm_pairwise(fields), explicit)
 
 
-@pytest.mark.parametrize(
-    "dim,first,width", [(16, True, 20), (16, False, 16), (10, True, 12), (0, True, 4)]
-)
-def test_table_width_is_a_multiple_of_4(dim, first, width):
-    assert table_width(dim, first) == width
+@pytest.mark.parametrize("dim,width", [(16, 16), (10, 12), (1, 4)])
+def test_table_width_is_a_multiple_of_4(dim, width):
+    assert table_width(dim) == width
 
 
 def test_fm_forward_matches_reference():
@@ -88,9 +86,11 @@ def test_deepfm_is_fm_plus_dnn_over_the_same_embeddings():
         deep_in.append(torch.cat(vecs))
     expected = torch.stack(fm_part).float() + model.dnn(torch.stack(deep_in)).squeeze(-1)
     torch.testing.assert_close(out, expected)
-    # one set of tables serves both parts
-    assert len(list(model.ebc.embedding_bags)) == 3
-    assert sum("embedding" in n for n, _ in model.named_parameters()) == 3
+    # one set of tables serves both parts: a vector and a first-order table per column
+    assert sorted(model.ebc.embedding_bags) == [
+        f"{k}_{n}" for k in "tw" for n in ["a", "b", "tags"]
+    ]
+    assert sum("embedding" in n for n, _ in model.named_parameters()) == 6
 
 
 def test_lr_is_first_order_only():
@@ -105,7 +105,7 @@ def fields_by_hand_lr(model, dense):
     ids = {"a": [[1], [9], [3]], "b": [[6], [], [0]], "tags": [[2, 4], [4], []]}
     for r in range(dense.shape[0]):
         first = model.linear(dense[r : r + 1]).squeeze().item()
-        first += sum(table(model, n)[i, 0].item() for n in ids for i in ids[n][r])
+        first += sum(table(model, n, "w")[i, 0].item() for n in ids for i in ids[n][r])
         yield None, first
 
 
