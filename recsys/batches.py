@@ -15,18 +15,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.config import OovPolicy, Task
 from recsys.errors import DataError
+from recsys.exported import hash_strings, is_list, is_string
 from recsys.features import FeatureSpec
-
-FNV_OFFSET = np.uint64(0xCBF29CE484222325)
-FNV_PRIME = np.uint64(0x100000001B3)
-
-
-def _is_list(t: pa.DataType) -> bool:
-    return pa.types.is_list(t) or pa.types.is_large_list(t)
-
-
-def _is_string(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
 def _role(spec: FeatureSpec, column: str) -> str:
@@ -46,9 +36,9 @@ def check_schema(source: str, schema: pa.Schema, spec: FeatureSpec) -> None:
                 f"{', '.join(schema.names)}. Fix the column name in {role}"
             )
         t = schema.field(idx).type
-        inner = t.value_type if _is_list(t) else t
+        inner = t.value_type if is_list(t) else t
         if column in spec.categorical_names:
-            if not (pa.types.is_integer(inner) or _is_string(inner)):
+            if not (pa.types.is_integer(inner) or is_string(inner)):
                 raise DataError(
                     f"column '{column}' ({role}) in {source} has type {t}; categorical columns "
                     "hold integer or string ids, or lists of them"
@@ -96,22 +86,6 @@ def check_ranges(source: str, meta: pq.FileMetaData, spec: FeatureSpec, oov: Oov
                     f"of {rows} rows: raise its size in data.categorical ({name}:ROWS) above "
                     "the largest id, or set data.oov=mod"
                 )
-
-
-def hash_strings(values: pa.Array) -> np.ndarray:
-    """64-bit FNV-1a of each UTF-8 string, vectorised over rows (stable across runs/machines)."""
-    values = pc.cast(values, pa.large_string()) if pa.types.is_string(values.type) else values
-    offsets = np.frombuffer(values.buffers()[1], dtype=np.int64)[
-        values.offset : values.offset + len(values) + 1
-    ]
-    buf = values.buffers()[2]
-    data = np.frombuffer(buf, dtype=np.uint8) if buf is not None else np.zeros(0, np.uint8)
-    starts, lengths = offsets[:-1], np.diff(offsets)
-    h = np.full(len(values), FNV_OFFSET, dtype=np.uint64)
-    for i in range(int(lengths.max()) if len(lengths) else 0):
-        live = lengths > i
-        h[live] = (h[live] ^ data[starts[live] + i].astype(np.uint64)) * FNV_PRIME
-    return h
 
 
 @dataclass
@@ -266,7 +240,7 @@ class BatchConverter:
     def _scalar(self, column: pa.ChunkedArray, name: str, source: str) -> np.ndarray:
         """A float32 copy of a numeric column; a list column must hold at most one number a row."""
         col = column.combine_chunks()
-        if not _is_list(col.type):
+        if not is_list(col.type):
             return pc.cast(col, pa.float32()).to_numpy(zero_copy_only=False).astype(np.float32)
         lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy()
         if len(lengths) and lengths.max() > 1:
@@ -301,7 +275,7 @@ class BatchConverter:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Values and lengths of a feature; lengths None when every row holds exactly one id."""
         col = column.combine_chunks()
-        if _is_list(col.type):
+        if is_list(col.type):
             lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy().astype(np.int64)
             flat = pc.list_flatten(col)
             if flat.null_count:
@@ -318,7 +292,7 @@ class BatchConverter:
             repairs.append(("categorical_nulls", name, empty))
         if self.vocab is not None:
             values = self.vocab[name].lookup(flat)
-        elif _is_string(flat.type):
+        elif is_string(flat.type):
             values = (hash_strings(flat) % np.uint64(rows)).astype(np.int64)
         else:
             values = flat.to_numpy().astype(np.int64, copy=False)

@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from recsys import config as schema
-from recsys.batches import hash_strings
 from recsys.config import DataConfig, demo_dir
 from recsys.errors import DataError, RecsysError
+from recsys.exported import id_keys, vocab_lookup
 from recsys.sources import filesystem, split_pieces
 
 log = logging.getLogger("recsys")
@@ -34,18 +34,11 @@ VOCAB_DIR = "_vocab"
 INDEX = "vocab.json"
 
 
-def _keys(values: pa.Array) -> np.ndarray:
-    """One uint64 key per id: integers as they are, strings by their 64-bit FNV-1a hash."""
-    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-        return hash_strings(values)
-    return pc.cast(values, pa.int64()).to_numpy().view(np.uint64)
-
-
 class Vocabulary:
     """Maps a column's raw ids to table rows 1..n (0 for ids not in the vocabulary)."""
 
     def __init__(self, values: pa.Array):
-        keys = _keys(values)
+        keys = id_keys(values)
         order = np.argsort(keys, kind="stable")
         self.sorted_keys = keys[order]
         self.rows = (order + 1).astype(np.int64)
@@ -55,11 +48,7 @@ class Vocabulary:
         return len(self.rows) + 1
 
     def lookup(self, values: pa.Array) -> np.ndarray:
-        keys = _keys(values)
-        if not len(self.sorted_keys):
-            return np.zeros(len(keys), np.int64)
-        pos = np.minimum(np.searchsorted(self.sorted_keys, keys), len(self.sorted_keys) - 1)
-        return np.where(self.sorted_keys[pos] == keys, self.rows[pos], 0)
+        return vocab_lookup(self.sorted_keys, self.rows, values)
 
 
 def for_data(data: DataConfig) -> dict[str, Vocabulary] | None:
