@@ -16,6 +16,7 @@ import copy
 import json
 import logging
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,10 +165,13 @@ def metadata(model: nn.Module, spec: FeatureSpec, data: DataConfig, run_dir: Pat
     return meta
 
 
-def corpus_rows(data: DataConfig, columns: list[str], id_column: str) -> pa.Table:
-    """Every item in the data's splits once (its first row's features), in item id order."""
+def corpus_rows(
+    data: DataConfig, columns: list[str], id_column: str, splits: tuple[str, ...] = SPLITS
+) -> pa.Table:
+    """Every id in the splits once (its first row's columns), in id order: the item corpus, or
+    the users to recommend for."""
     parts = []
-    for split in SPLITS:
+    for split in splits:
         if data.split(split) is None:
             continue
         pieces, row_filter, _ = split_pieces(data, split)
@@ -213,6 +217,16 @@ def write_export(
     shutil.copyfile(exported.__file__, directory / "load_exported.py")
     (directory / exported.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def load_run(cfg: RunInputConfig) -> tuple[exported.Scorer | exported.TwoTowerExport, DataConfig]:
+    """A run's model exported to a temporary directory and loaded from it, and its data."""
+    run_dir, model, spec, data = open_run(cfg, label=False)
+    with tempfile.TemporaryDirectory(prefix="recsys-export-") as tmp:
+        meta = write_export(Path(tmp), model, spec, data, run_dir)
+        if meta["kind"] == "two_tower":
+            write_corpus(Path(tmp), data, 8192)
+        return exported.load_exported(tmp), data
 
 
 def run(cfg: DictConfig) -> dict:

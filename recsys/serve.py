@@ -12,7 +12,6 @@ than max_rows, or a body over max_body_bytes, 413.
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,9 @@ from recsys import config as schema
 from recsys import exported
 from recsys.config import RunInputConfig
 from recsys.errors import ConfigError
-from recsys.export import write_corpus, write_export
+from recsys.export import load_run
 from recsys.exported import InputError, Scorer, TwoTowerExport, load_exported
-from recsys.runs import open_run, run_or_exit
+from recsys.runs import run_or_exit
 from recsys.topk import top_k
 
 log = logging.getLogger("recsys")
@@ -71,12 +70,7 @@ def open_model(path: str | Path) -> Scorer | TwoTowerExport:
         return load_exported(path)
     if not path.is_dir():
         raise ConfigError(f"run={path} does not exist: give a run dir or an export dir")
-    run_dir, model, spec, data = open_run(RunInputConfig(run=str(path)), label=False)
-    with tempfile.TemporaryDirectory(prefix="recsys-serve-") as tmp:
-        meta = write_export(Path(tmp), model, spec, data, run_dir)
-        if meta["kind"] == "two_tower":
-            write_corpus(Path(tmp), data, 8192)
-        return load_exported(tmp)
+    return load_run(RunInputConfig(run=str(path)))[0]
 
 
 def columns_of(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, list]:
