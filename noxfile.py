@@ -4,6 +4,7 @@ nox -s demo     train DeepFM on the embedded demo data
 nox -s tests    the test suite (what .ci/run runs)
 nox -s dev      just create .venv with the project in editable mode
 nox -s bench    throughput benchmark against a plain PyTorch baseline
+nox -s quality  test AUC per epoch of every ranking model against a hand-written floor
 nox -s lint     ruff
 """
 
@@ -77,6 +78,13 @@ def bench(session: nox.Session) -> None:
     session.run(str(PYTHON), "benchmarks/reader_throughput.py", external=True)
     session.run(str(PYTHON), "benchmarks/checkpoint_io.py", external=True)
     session.run(str(PYTHON), "benchmarks/distributed_throughput.py", external=True)
+
+
+@nox.session(venv_backend="none")
+def quality(session: nox.Session) -> None:
+    """Every ranking model vs a hand-written floor on generated sets of several effect mixes."""
+    install(session)
+    session.run(str(PYTHON), "benchmarks/quality.py", *session.posargs, external=True)
 
 
 @nox.session(venv_backend="none")

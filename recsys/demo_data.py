@@ -46,6 +46,9 @@ class DemoSpec:
     latent_dim: int = 4
     zipf_exponent: float = 1.1
     pairwise_to_first_order: float = 1.2
+    # std of a non-linear effect of the dense features (sin and square terms) relative to the
+    # first-order part's; 0 leaves it out (and the generated rows unchanged)
+    dense_nonlinear: float = 0.0
     base_rate: float = 0.25
     null_rate: float = 0.02
     rows_per_file: int = 100_000
@@ -85,13 +88,16 @@ class PlantedModel:
             # effect leaks into a single feature's marginal: a first-order model cannot fit it
             p = np.diff(self.cdf[f], prepend=0.0)
             v -= (p[:, None] * v[self.perm[f]]).sum(0).astype(np.float32)
-        self.pair_scale = 1.0
+        # drawn from their own stream, so that sets without them are drawn as before
+        self.curve = np.random.default_rng([spec.seed, 1]).normal(0, 1, (2, spec.n_dense))
+        self.pair_scale = self.nonlinear_scale = 1.0
         self.bias = 0.0
         self.noise_std = 1.0
         sample = self.draw(rng, 50_000)
         first, pair = sample["first"], sample["pair"]
         self.pair_scale = spec.pairwise_to_first_order * first.std() / pair.std()
-        score = first + self.pair_scale * pair
+        self.nonlinear_scale = spec.dense_nonlinear * first.std() / sample["nonlinear"].std()
+        score = self.score(sample)
         lo, hi = -20.0, 20.0
         for _ in range(60):  # bisect the bias that gives the wanted base rate
             mid = (lo + hi) / 2
@@ -132,8 +138,10 @@ class PlantedModel:
             fields.append(tag_vec[:, None, :].astype(np.float32))
         stacked = np.concatenate(fields, axis=1)
         pair = 0.5 * ((stacked.sum(1) ** 2).sum(1) - (stacked**2).sum((1, 2)))
+        nonlinear = np.sin(1.5 * dense) @ self.curve[0] + (dense**2 - 1) @ self.curve[1]
         return {
             "dense": dense,
+            "nonlinear": nonlinear.astype(np.float64),
             "ids": ids,
             "tag_lengths": lengths,
             "tag_offsets": offsets,
@@ -142,11 +150,16 @@ class PlantedModel:
             "pair": pair.astype(np.float64),
         }
 
+    def score(self, d: dict[str, np.ndarray]) -> np.ndarray:
+        """The planted logit of drawn rows: first-order, non-linear dense and pairwise parts."""
+        score = d["first"] + self.pair_scale * d["pair"]
+        return score + self.nonlinear_scale * d["nonlinear"] if self.spec.dense_nonlinear else score
+
     def table(self, rng: np.random.Generator, n: int) -> tuple[pa.Table, np.ndarray]:
         """n labelled rows as an Arrow table, and their true click probabilities."""
         s = self.spec
         d = self.draw(rng, n)
-        score = d["first"] + self.pair_scale * d["pair"]
+        score = self.score(d)
         p = 1 / (1 + np.exp(-score))
         cols: dict[str, pa.Array] = {
             "click": pa.array((rng.random(n) < p).astype(np.int8)),
@@ -219,7 +232,7 @@ def generate(out: str | Path, spec: DemoSpec) -> dict:
                 "oracle_dwell_rmse": model.noise_std,
             }
         fo = model.draw(np.random.default_rng(spec.seed + 1), 100_000)
-        full = 1 / (1 + np.exp(-(fo["first"] + model.pair_scale * fo["pair"])))
+        full = 1 / (1 + np.exp(-model.score(fo)))
         y = (np.random.default_rng(spec.seed + 2).random(len(full)) < full).astype(np.int8)
         info["first_order_part_auc"] = binary_auc(model.first_order_probability(fo), y)
         info["oracle_auc_same_sample"] = binary_auc(full, y)
