@@ -254,7 +254,8 @@ def _print_row(r: dict, floor: dict | None) -> None:
         speed = r["samples_per_s"] / floor["samples_per_s"]
         ratio = f"  AUC {r['auc'] - floor['auc']:+.4f} vs floor, {speed:.2f}x its speed"
     print(f"  {r['mix']:<18} {r['model']:<13} AUC {r['auc']:.4f}  logloss {r['logloss']:.4f}  "
-          f"{r['samples_per_s']:>9,.0f}/s  other CPU {r['other_cpu_s']:.0f} s{ratio}", flush=True)  # fmt: skip
+          f"{r['samples_per_s']:>9,.0f}/s  other CPU {r['other_cpu_s']:.0f} s{ratio}",
+          flush=True)  # fmt: skip
 
 
 def _print_table(rows: list[dict], args) -> None:
