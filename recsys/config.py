@@ -536,6 +536,65 @@ class PredictConfig(RunInputConfig):
         _positive("batch_size", self.batch_size)
 
 
+@dataclass
+class ExportConfig(RunInputConfig):
+    """The root config of `python -m recsys.export`."""
+
+    output: str = MISSING  # a directory, created (it must not exist yet)
+    corpus: bool = True  # two-tower: encode every item of the data into corpus.parquet
+    batch_size: int = 8192  # rows a batch when encoding the corpus
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive("batch_size", self.batch_size)
+
+
+@dataclass
+class ServeConfig:
+    """The root config of `python -m recsys.serve`."""
+
+    run: str = MISSING  # a run dir of recsys.train, or an export dir of recsys.export
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_rows: int = 4096  # rows a request; more are refused (413)
+    max_body_bytes: int = 16 << 20
+    k: int = 10  # two-tower: items /recommend returns unless the request says
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("max_rows", "max_body_bytes", "k", "threads"):
+            _positive(key, getattr(self, key))
+
+
+class Index(Enum):
+    """How `recsys.recommend` finds each user's top-k items."""
+
+    exact = "exact"
+    faiss = "faiss"
+
+
+@dataclass
+class RecommendConfig(RunInputConfig):
+    """The root config of `python -m recsys.recommend`."""
+
+    output: str = MISSING  # a directory, created (it must not exist yet)
+    k: int = 100
+    paths: list[str] | None = None  # files of users to read instead of the split's
+    exclude_seen: bool = False  # drop items the user interacted with in train
+    index: Index = Index.exact
+    faiss_index: str = "HNSW32"  # a faiss index factory string (inner product metric)
+    faiss_params: str = ""  # e.g. "efSearch=256" or "nprobe=16"
+    recall_sample: int = 1000  # users whose faiss results are checked against exact
+    batch_size: int = 4096  # users a batch
+    slab: int = 65536  # corpus items scored at a time (exact)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("k", "batch_size", "slab"):
+            _positive(key, getattr(self, key))
+        _positive("recall_sample", self.recall_sample, allow_zero=True)
+
+
 def demo_dir(name: str = "ctr-v1") -> str:
     """Where an embedded demo data set is generated (once) and cached."""
     root = os.environ.get("RECSYS_CACHE") or Path.home() / ".cache" / "recsys"
@@ -553,6 +612,9 @@ def register() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="predict_schema", node=PredictConfig)
+    cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="serve_schema", node=ServeConfig)
+    cs.store(name="recommend_schema", node=RecommendConfig)
     cs.store(group="schema/data", name="s3_parquet", node=S3ParquetDataConfig)
     cs.store(group="schema/trainer", name="default", node=TrainerConfig)
     for name, node in [

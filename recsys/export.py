@@ -18,7 +18,6 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -27,13 +26,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import DictConfig
 from torch import nn
 
 from recsys import config as schema
 from recsys import exported, vocabulary
-from recsys.config import DataConfig, RunInputConfig
+from recsys.config import DataConfig, ExportConfig, RunInputConfig
 from recsys.errors import ConfigError
 from recsys.features import FeatureSpec
 from recsys.outputs import summary_table, write_dir_atomic
@@ -44,18 +42,6 @@ from recsys.two_tower import TwoTower
 log = logging.getLogger("recsys")
 schema.register()
 SPLITS = ("train", "validation", "test")
-
-
-@dataclass
-class ExportConfig(RunInputConfig):
-    """The root config of `python -m recsys.export`."""
-
-    output: str = MISSING  # a directory, created (it must not exist yet)
-    corpus: bool = True  # two-tower: encode every item of the data into corpus.parquet
-    batch_size: int = 8192  # rows a batch when encoding the corpus
-
-
-ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 
 class PooledHead(nn.Module):

@@ -14,8 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
-from enum import Enum
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -24,11 +23,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import DictConfig
 
 from recsys import config as schema
-from recsys.config import DataConfig, RunInputConfig, SplitConfig
+from recsys.config import DataConfig, Index, RecommendConfig, SplitConfig
 from recsys.errors import ConfigError
 from recsys.export import corpus_rows, load_run
 from recsys.exported import TwoTowerExport
@@ -39,30 +37,6 @@ from recsys.topk import top_k
 
 log = logging.getLogger("recsys")
 schema.register()
-
-
-class Index(Enum):
-    exact = "exact"
-    faiss = "faiss"
-
-
-@dataclass
-class RecommendConfig(RunInputConfig):
-    """The root config of `python -m recsys.recommend`."""
-
-    output: str = MISSING  # a directory, created (it must not exist yet)
-    k: int = 100
-    paths: list[str] | None = None  # files of users to read instead of the split's
-    exclude_seen: bool = False  # drop items the user interacted with in train
-    index: Index = Index.exact
-    faiss_index: str = "HNSW32"  # a faiss index factory string (inner product metric)
-    faiss_params: str = ""  # e.g. "efSearch=256" or "nprobe=16"
-    recall_sample: int = 1000  # users whose faiss results are checked against exact
-    batch_size: int = 4096  # users a batch
-    slab: int = 65536  # corpus items scored at a time (exact)
-
-
-ConfigStore.instance().store(name="recommend_schema", node=RecommendConfig)
 
 
 def seen_items(
@@ -142,8 +116,6 @@ def recall(approx: np.ndarray, reference: np.ndarray) -> float:
 def run(cfg: DictConfig) -> dict:
     """Write each user's top-k items under `output`; return the figures."""
     typed: RecommendConfig = schema.to_object(cfg)
-    if typed.k < 1:
-        raise ConfigError(f"k={typed.k}: give the number of items per user, e.g. k=100")
     output = Path(typed.output).expanduser()
     if output.exists():
         raise ConfigError(f"output={output} exists: give a directory that does not exist yet")

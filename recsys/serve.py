@@ -12,7 +12,6 @@ than max_rows, or a body over max_body_bytes, 413.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,12 @@ import hydra
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import DictConfig
 from pydantic import BaseModel, Field
 
 from recsys import config as schema
 from recsys import exported
-from recsys.config import RunInputConfig
+from recsys.config import RunInputConfig, ServeConfig
 from recsys.errors import ConfigError
 from recsys.export import load_run
 from recsys.exported import InputError, Scorer, TwoTowerExport, load_exported
@@ -35,22 +33,6 @@ from recsys.topk import top_k
 
 log = logging.getLogger("recsys")
 schema.register()
-
-
-@dataclass
-class ServeConfig:
-    """The root config of `python -m recsys.serve`."""
-
-    run: str = MISSING  # a run dir of recsys.train, or an export dir of recsys.export
-    host: str = "127.0.0.1"
-    port: int = 8080
-    max_rows: int = 4096  # rows a request; more are refused (413)
-    max_body_bytes: int = 16 << 20
-    k: int = 10  # two-tower: items /recommend returns unless the request says
-    threads: int | None = None
-
-
-ConfigStore.instance().store(name="serve_schema", node=ServeConfig)
 
 
 class Rows(BaseModel):
