@@ -15,7 +15,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.config import OovPolicy, Task
 from recsys.errors import DataError
-from recsys.exported import hash_strings, is_list, is_string
+from recsys.exported import InputError, dense_values, hash_strings, is_list, is_string
 from recsys.features import FeatureSpec
 
 
@@ -239,20 +239,12 @@ class BatchConverter:
 
     def _scalar(self, column: pa.ChunkedArray, name: str, source: str) -> np.ndarray:
         """A float32 copy of a numeric column; a list column must hold at most one number a row."""
-        col = column.combine_chunks()
-        if not is_list(col.type):
-            return pc.cast(col, pa.float32()).to_numpy(zero_copy_only=False).astype(np.float32)
-        lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy()
-        if len(lengths) and lengths.max() > 1:
-            raise DataError(
-                f"column '{name}' ({_role(self.spec, name)}) in {source} holds lists of up to "
-                f"{lengths.max()} numbers; it is configured as one number a row: list it in "
-                "data.categorical if it holds ids, or fix the data"
-            )
-        out = np.full(len(col), np.nan, dtype=np.float32)
-        flat = pc.cast(pc.list_flatten(col), pa.float32()).to_numpy(zero_copy_only=False)
-        out[lengths == 1] = flat
-        return out
+        role = _role(self.spec, name)
+        try:
+            return dense_values(column.combine_chunks(), name, role, f" in {source}")
+        except InputError as e:
+            fix = "list it in data.categorical if it holds ids, or fix the data"
+            raise DataError(f"{e}: {fix}") from None
 
     def _check_labels(self, y: np.ndarray, source: str) -> None:
         bad = np.isnan(y)

@@ -95,19 +95,19 @@ def as_table(batch: Any, columns: list[str]) -> pa.Table:
     return pa.table(out) if out else pa.table({})
 
 
-def dense_values(col: pa.Array, name: str) -> np.ndarray:
+def dense_values(col: pa.Array, name: str, role: str = "dense", where: str = "") -> np.ndarray:
     """A float32 copy of a numeric column (NaN where null); a list holds at most one number."""
     inner = col.type.value_type if is_list(col.type) else col.type
     if not (pa.types.is_integer(inner) or pa.types.is_floating(inner)
             or pa.types.is_boolean(inner) or pa.types.is_null(inner)):  # fmt: skip
-        raise InputError(f"column '{name}' (dense) has type {col.type}; it must be numeric")
+        raise InputError(f"column '{name}' ({role}){where} has type {col.type}; it must be numeric")
     if not is_list(col.type):
         return pc.cast(col, pa.float32()).to_numpy(zero_copy_only=False).astype(np.float32)
     lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy()
     if len(lengths) and lengths.max() > 1:
         raise InputError(
-            f"column '{name}' (dense) holds lists of up to {lengths.max()} numbers; "
-            "it is one number a row"
+            f"column '{name}' ({role}){where} holds lists of up to {lengths.max()} numbers; it "
+            "is configured as one number a row"
         )
     out = np.full(len(col), np.nan, dtype=np.float32)
     flat = pc.cast(pc.list_flatten(col), pa.float32()).to_numpy(zero_copy_only=False)
