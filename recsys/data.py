@@ -14,7 +14,7 @@ import copy
 import queue
 import threading
 from collections.abc import Generator, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import numpy as np
@@ -43,6 +43,34 @@ def check_pieces(pieces: list[Piece], spec: FeatureSpec, data: DataConfig) -> No
         check_schema(path, piece.fragment.physical_schema, spec)
         if data.format is FileFormat.parquet:
             check_ranges(path, piece.fragment.metadata, spec, data.oov)
+
+
+@dataclass
+class WorkerPosition:
+    """How many batches one worker has handed over, and the pieces its last one came from."""
+
+    batches: int = 0
+    pieces: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ReaderPosition:
+    """Where a reader stands in an epoch; a checkpoint keeps it (as `to_dict`) to go on exactly."""
+
+    epoch: int
+    batches: int = 0  # batches taken in this epoch, from all workers
+    workers: list[WorkerPosition] = field(default_factory=list)
+    skip: int = 0  # batches to read and leave out first (a position mapped from another layout)
+
+    def to_dict(self) -> dict:
+        """The form saved in checkpoints (`skip` is spent by then)."""
+        workers = [{"batches": w.batches, "pieces": list(w.pieces)} for w in self.workers]
+        return {"epoch": self.epoch, "batches": self.batches, "workers": workers}
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> ReaderPosition:
+        workers = [WorkerPosition(w["batches"], list(w["pieces"])) for w in saved["workers"]]
+        return cls(saved["epoch"], saved["batches"], workers)
 
 
 @dataclass
@@ -87,7 +115,7 @@ class SplitReader:
         self.pad = pad
         self.drop_remainder = drop_remainder or (world_size > 1 and not pad)
         self.max_batches = max_batches
-        self.position: dict = {}  # where iteration stands: epoch, batches taken per worker, pieces
+        self.position = ReaderPosition(0)  # where iteration stands
         self.shares = [self._share(pieces, r) for r in range(world_size)]
         self.num_rows = sum(p.rows for share in self.shares[rank] for p in share)
         counts = [
@@ -112,36 +140,43 @@ class SplitReader:
     def __iter__(self) -> Iterator[Batch]:
         return self.iterate(0)
 
-    def iterate(self, epoch: int, position: dict | None = None) -> Iterator[Batch]:
+    def start_position(self, epoch: int) -> ReaderPosition:
+        """The position before an epoch's first batch."""
+        return ReaderPosition(epoch, 0, [WorkerPosition() for _ in self.shares[self.rank]])
+
+    def fits(self, position: ReaderPosition) -> bool:
+        """Whether a saved position is of a reader with this one's workers."""
+        return len(position.workers) == len(self.shares[self.rank])
+
+    def iterate(self, epoch: int, position: ReaderPosition | None = None) -> Iterator[Batch]:
         """The batches of one epoch (its shuffle), from the start or from a saved `position`."""
-        share = self.shares[self.rank]
-        workers = [{"batches": 0, "pieces": []} for _ in share]
-        start = {"epoch": epoch, "batches": 0, "workers": workers}
-        self.position = copy.deepcopy(position) if position else start
+        position = copy.deepcopy(position) if position else self.start_position(epoch)
+        self.position = replace(position, skip=0)
         if self.pad:  # evaluation: the counts of one pass over the split, however many are made
             self.converter.quality.clear()
-        skips = [w["batches"] for w in self.position["workers"]]
         streams = [
-            prefetched(self._worker(pieces, epoch, w, skips[w]), self.prefetch)
-            for w, pieces in enumerate(share)
+            prefetched(self._worker(pieces, epoch, w, worker.batches), self.prefetch)
+            for w, (pieces, worker) in enumerate(
+                zip(self.shares[self.rank], self.position.workers, strict=True)
+            )
         ]
-        return self._interleave(streams)
+        return self._interleave(streams, position.skip)
 
-    def resume_position(self, saved: dict, saved_len: int) -> dict:
+    def resume_position(self, saved: ReaderPosition, saved_len: int) -> ReaderPosition:
         """`saved` (a position of a reader with other ranks or workers) mapped onto this reader.
 
         Pieces are dealt differently, so the epoch restarts its data and skips the same fraction
         of its batches: the run goes on, but is not the one the saved layout would have made.
         """
-        workers = [{"batches": 0, "pieces": []} for _ in self.shares[self.rank]]
-        drop = saved["batches"] * self._len // max(saved_len, 1)
-        return {"epoch": saved["epoch"], "batches": 0, "workers": workers, "drop": drop}
+        position = self.start_position(saved.epoch)
+        position.skip = saved.batches * self._len // max(saved_len, 1)
+        return position
 
-    def _interleave(self, streams: list[Iterator[_Item]]) -> Iterator[Batch]:
-        """Take one batch from each live worker in turn, up to len(self) batches."""
+    def _interleave(self, streams: list[Iterator[_Item]], drop: int) -> Iterator[Batch]:
+        """Take one batch from each live worker in turn, up to len(self) batches; the first
+        `drop` are read and counted in the position, but not handed over."""
         pos = self.position
         live, n = list(enumerate(streams)), 0
-        drop = pos.pop("drop", 0)
         try:
             while live and n < self._len:
                 for w, s in list(live):
@@ -154,9 +189,9 @@ class SplitReader:
                     n += 1
                     if item.batch is None:  # fast-forwarded, already counted in the position
                         continue
-                    pos["batches"] += 1
-                    pos["workers"][w]["batches"] += 1
-                    pos["workers"][w]["pieces"] = item.sources
+                    pos.batches += 1
+                    pos.workers[w].batches += 1
+                    pos.workers[w].pieces = item.sources
                     if drop:
                         drop -= 1
                         continue

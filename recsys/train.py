@@ -150,7 +150,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             log.warning("starting over: the earlier run's checkpoints and TensorBoard files in "
                         "this run dir were moved to %s", aside)  # fmt: skip
         # a resumed run's curves go on from its checkpoint, hiding what came after it before
-        step = restored.trainer_state["fit"]["steps"] if restored else None
+        step = restored.manifest["step"] if restored else None
         trainer.writer = writer = SummaryWriter(log_dir=str(run_dir), purge_step=step)
         save_config(run_dir, cfg)
         write_text(run_dir / "sharding_plan.txt", str(model.plan).strip() + "\n")

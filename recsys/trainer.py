@@ -1,15 +1,16 @@
-"""The training loop: loss, optimizer steps, LR schedule, periodic evaluation, early stopping."""
+"""The training loop: a step (loss, backward, optimizer steps, LR schedule) and the policies
+around it: logging, throughput, evaluation with early stopping, checkpoints and preemption."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from recsys import checkpoint
 from recsys.batches import DataQuality
 from recsys.checkpoint import Restored
 from recsys.config import LrDecay, LrScheduleConfig, TrainerConfig
-from recsys.data import SplitReader
+from recsys.data import ReaderPosition, SplitReader
 from recsys.distributed import row_sparse_adam
 from recsys.errors import RecsysError
 from recsys.metrics import higher_is_better
@@ -70,10 +71,23 @@ class EarlyStopping:
             self.bad_evals += 1
         return self.bad_evals >= self.patience
 
+    @property
+    def stopped(self) -> bool:
+        return self.bad_evals >= self.patience
+
+    def progress(self) -> dict:
+        """What a checkpoint keeps of it (`TrainingState.early_stopping`)."""
+        return {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals}
+
+    def go_on_from(self, progress: dict) -> None:
+        self.best, self.best_step = progress["best"], progress["best_step"]
+        self.bad_evals = progress["bad_evals"]
+
 
 @dataclass
-class FitResult:
-    """Where training stands; checkpointed, so that a resumed run goes on exactly from there."""
+class TrainingState:
+    """Where training stands; checkpointed (as `to_dict`, key "fit"), so that a resumed run goes
+    on exactly from there, and what `Trainer.fit` ends with."""
 
     steps: int = 0
     epoch: int = 0  # the epoch being trained, from 0
@@ -90,11 +104,18 @@ class FitResult:
     preemptions: int = 0  # checkpoints written because a signal asked the run to stop
     evaluations: list[dict] = field(default_factory=list)
     losses: list[list[float]] = field(default_factory=list)  # [step, loss averaged over ranks]
-    early_stopping: dict = field(default_factory=dict)  # EarlyStopping's best, best_step, bad_evals
+    early_stopping: dict = field(default_factory=dict)  # EarlyStopping.progress()
 
     @property
     def samples_per_s(self) -> float:
         return self.samples / self.train_seconds if self.train_seconds else 0.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> TrainingState:
+        return cls(**saved)
 
 
 def rng_state() -> dict:
@@ -117,6 +138,185 @@ class Checkpointing:
     description: dict
     preemption: Preemption
     run_dir: Path
+
+
+class Throughput:
+    """Training time (evaluations and checkpoints left out) and samples/s between log lines."""
+
+    def __init__(self, state: TrainingState):
+        self.state = state
+        self.start()
+
+    def start(self) -> None:
+        self.tick = self.window_start = time.perf_counter()
+        self.window_samples = 0
+
+    def pause(self) -> None:
+        self.state.train_seconds += time.perf_counter() - self.tick
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        self.pause()
+        try:
+            yield
+        finally:
+            self.start()
+
+    def add(self, samples: int) -> None:
+        self.state.samples += samples
+        self.window_samples += samples
+
+    def rate(self) -> float:
+        """Samples/s since the last call (or the last start)."""
+        now = time.perf_counter()
+        rate = self.window_samples / (now - self.window_start)
+        self.window_start, self.window_samples = now, 0
+        return rate
+
+
+class LossLog:
+    """Every `log_every_steps`: the loss, learning rate and samples/s, to TensorBoard and the log
+    (or the progress bar)."""
+
+    def __init__(self, trainer: Trainer, state: TrainingState, total: int):
+        cfg = trainer.cfg
+        self.every, self.total, self.scalar = cfg.log_every_steps, total, trainer._scalar
+        self.show_bar = cfg.progress_bar if cfg.progress_bar is not None else sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=state.steps, unit="step", dynamic_ncols=True,
+                        disable=not self.show_bar)  # fmt: skip
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total
+
+    def record(self, state: TrainingState, loss: float, lr: float, rate: float) -> None:
+        if not math.isfinite(loss):
+            raise RecsysError(
+                f"the training loss became {loss} at step {state.steps}: lower "
+                "trainer.dense_optimizer.lr / trainer.sparse_optimizer.lr, or set "
+                "trainer.grad_clip_norm"
+            )
+        state.final_loss = loss
+        state.losses.append([state.steps, loss])
+        self.scalar("train/loss", loss, state.steps)
+        self.scalar("train/lr", lr, state.steps)
+        self.scalar("train/samples_per_s", rate, state.steps)
+        if self.show_bar:
+            self.bar.set_postfix(epoch=state.epoch + 1, loss=f"{loss:.4f}", sps=f"{rate:,.0f}")
+        else:
+            log.info("epoch %d step %d/%d  loss %.4f  lr %.2e  %s samples/s", state.epoch + 1,
+                     state.steps, self.total, loss, lr, f"{rate:,.0f}")  # fmt: skip
+
+
+class Evaluation:
+    """Validation every `eval_every_steps` and after each epoch; early stopping or the caller's
+    callback decide whether training stops."""
+
+    def __init__(
+        self,
+        trainer: Trainer,
+        validation: Iterable[Batch] | None,
+        stopper: EarlyStopping | None,
+        on_evaluation: Callable[[int, dict[str, float]], bool] | None,
+    ):
+        self.trainer, self.validation = trainer, validation
+        self.stopper, self.on_evaluation = stopper, on_evaluation
+        self.every = trainer.cfg.eval_every_steps
+
+    def due(self, step: int) -> bool:
+        return self.validation is not None and bool(self.every) and step % self.every == 0
+
+    def due_at_epoch_end(self, state: TrainingState) -> bool:
+        return self.validation is not None and state.last_eval_step != state.steps
+
+    def run(self, state: TrainingState) -> bool:
+        """Evaluate and record; True when training should stop."""
+        trainer = self.trainer
+        metrics = trainer.evaluate(self.validation)
+        state.last_eval_step = state.steps
+        state.evaluations.append({"step": state.steps, **metrics})
+        for name, value in metrics.items():
+            trainer._scalar(f"validation/{name}", value, state.steps)
+        text = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        log.info("validation at step %d: %s", state.steps, text)
+        trainer.model.train()
+        if self.on_evaluation is not None and self.on_evaluation(state.steps, metrics):
+            log.info("stopping at step %d: the evaluation callback asked to", state.steps)
+            state.stopped_by_callback = True
+            return True
+        stopper = self.stopper
+        if stopper is None or not stopper.update(metrics[stopper.metric], state.steps):
+            return False
+        log.info("early stopping: validation %s has not improved for %d evaluations "
+                 "(best %.4f at step %d)", stopper.metric, stopper.patience, stopper.best,
+                 stopper.best_step)  # fmt: skip
+        return True
+
+
+class CheckpointPolicy:
+    """When to checkpoint (every N steps or minutes, or after a signal), what a checkpoint holds,
+    and stopping the run after a signal's checkpoint."""
+
+    def __init__(self, trainer: Trainer, train: SplitReader, stopper: EarlyStopping | None):
+        self.trainer, self.train, self.stopper = trainer, train, stopper
+        self.ck, self.cfg = trainer.checkpointing, trainer.cfg.checkpoint
+        self.last_save = time.monotonic()
+
+    @property
+    def enabled(self) -> bool:
+        return self.ck is not None and self.cfg.enabled
+
+    def due(self, step: int) -> bool:
+        """Whether to checkpoint now: every N steps or minutes, or a signal; agreed by all ranks."""
+        if self.ck is None:
+            return False
+        c = self.cfg
+        timed = bool(c.enabled and c.every_minutes)
+        timed = timed and time.monotonic() - self.last_save >= c.every_minutes * 60
+        signalled = self.ck.preemption.received is not None
+        if self.trainer.world_size > 1:  # rank 0's clock decides; a signal to any rank counts
+            flags = torch.tensor([int(timed and dist.get_rank() == 0), int(signalled)])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            timed, signalled = bool(flags[0]), bool(flags[1])
+        if signalled:
+            return True
+        return timed or bool(c.enabled and c.every_steps and step % c.every_steps == 0)
+
+    def save(self, state: TrainingState) -> None:
+        """Checkpoint the run as it stands; after a signal, stop the run there."""
+        ck, trainer, train = self.ck, self.trainer, self.train
+        preempted = ck.preemption.received is not None and not state.finished
+        state.preemptions += int(preempted)
+        if self.stopper is not None:
+            state.early_stopping = self.stopper.progress()
+        trainer_state = {"fit": state.to_dict(), "steps_per_epoch": len(train),
+                         "dense_optimizer": trainer.dense_optimizer.state_dict()}  # fmt: skip
+        rank_state = {
+            "rng": rng_state(),
+            "position": train.position.to_dict(),
+            "sparse_adam": trainer.row_sparse and trainer.row_sparse.state_dict(),
+            "quality": train.converter.quality.to_dict(),
+        }
+        started = time.perf_counter()
+        path = checkpoint.save(ck.root, state.steps, trainer.model, trainer_state, rank_state,
+                               ck.description, self.cfg.keep_last)  # fmt: skip
+        self.last_save = time.monotonic()
+        log.info("checkpoint %s written in %.1f s", path, time.perf_counter() - started)
+        if preempted:
+            ck.preemption.stop(state.steps, state.preemptions, self.cfg.max_requeues,
+                               str(ck.run_dir))  # fmt: skip
+
+
+@dataclass
+class _Run:
+    """One call of `Trainer.fit`: its data, its state, and the policies around the step."""
+
+    train: SplitReader
+    total: int  # steps of the whole run
+    state: TrainingState
+    log: LossLog
+    evaluation: Evaluation
+    checkpoints: CheckpointPolicy
+    throughput: Throughput
 
 
 class Trainer:
@@ -146,20 +346,23 @@ class Trainer:
         self.checkpointing = checkpointing
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self._base_lrs = [[g["lr"] for g in opt.param_groups] for opt in self._optimizers()]
-        self._last_save = time.monotonic()
+        self._dense_params = [p for g in dense_optimizer.param_groups for p in g["params"]]
+        self.lr = self._base_lrs[0][0]
 
     def _optimizers(self) -> list:
         """The optimizers whose learning rates the schedule scales."""
         sparse = self.row_sparse or self.fused_optimizer  # the fused SGD under Adam keeps its rate
         return [o for o in (self.dense_optimizer, sparse) if o is not None]
 
-    def _set_lr(self, factor: float) -> float:
+    def _set_lr(self, step: int, total: int) -> None:
+        """The learning rates of the schedule at a step."""
+        factor = lr_factor(self.cfg.lr_schedule, step, total)
         for opt, bases in zip(self._optimizers(), self._base_lrs, strict=True):
             for group, base in zip(opt.param_groups, bases, strict=True):
                 group["lr"] = base * factor
         if self.fused_optimizer is not None and self.row_sparse is None:
             self.fused_optimizer.step()  # hands the new lr to FBGEMM; the update ran in backward
-        return self._base_lrs[0][0] * factor
+        self.lr = self._base_lrs[0][0] * factor
 
     def _to_device(self, batch: Batch) -> Batch:
         return batch if self.device.type == "cpu" else batch.to(self.device, non_blocking=True)
@@ -170,195 +373,128 @@ class Trainer:
         validation: Iterable[Batch] | None,
         on_evaluation: Callable[[int, dict[str, float]], bool] | None = None,
         restored: Restored | None = None,
-    ) -> FitResult:
+    ) -> TrainingState:
         """Train, from the start or from `restored`; `on_evaluation(step, metrics)` sees every
         validation and returns True to stop."""
         cfg = self.cfg
-        self.on_evaluation = on_evaluation
-        steps_per_epoch = len(train)
-        total = cfg.max_epochs * steps_per_epoch
+        total = cfg.max_epochs * len(train)
         if cfg.max_steps is not None:
             total = min(total, cfg.max_steps)
         stopper = None
         if cfg.early_stopping.enabled and validation is not None:
             es = cfg.early_stopping
             stopper = EarlyStopping(self.monitor, es.patience, es.min_delta)
-        result, position = self._resume(restored, train, stopper)
-        stopped = result.stopped_early or result.stopped_by_callback
-        result.finished = result.finished and (stopped or result.steps >= total)  # or go on
-        show_bar = cfg.progress_bar if cfg.progress_bar is not None else sys.stderr.isatty()
-        bar = tqdm(total=total, initial=result.steps, unit="step", dynamic_ncols=True,
-                   disable=not show_bar)  # fmt: skip
-        accum = cfg.grad_accumulation
-        dense_params = [p for g in self.dense_optimizer.param_groups for p in g["params"]]
-        window_start, window_samples = time.perf_counter(), 0
-        lr = self._set_lr(lr_factor(cfg.lr_schedule, result.steps, total))
-        done = result.finished
-        while not done and result.epoch < cfg.max_epochs:
-            self.model.train()
-            tick = time.perf_counter()
-            result.epochs = result.epoch + 1
-            batches = []  # none left when the checkpoint was taken at the epoch's last step
-            if result.epoch_batches < steps_per_epoch:
-                batches = train.iterate(result.epoch, position)
-            for batch in batches:
-                batch = self._to_device(batch)
-                loss = self.task.loss(self.model, batch)
-                (loss / accum).backward()
-                if self.row_sparse is not None:
-                    self.row_sparse.step()
-                result.steps += 1
-                result.epoch_batches += 1
-                result.first_step_at = result.first_step_at or time.time()
-                boundary = result.steps % accum == 0 or result.steps == total
-                if boundary:
-                    if cfg.grad_clip_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(dense_params, cfg.grad_clip_norm)
-                    self.dense_optimizer.step()
-                    self.dense_optimizer.zero_grad(set_to_none=True)
-                    lr = self._set_lr(lr_factor(cfg.lr_schedule, result.steps, total))
-                n = batch.labels.shape[0]
-                result.samples += n * self.world_size
-                window_samples += n * self.world_size
-                if result.steps % cfg.log_every_steps == 0 or result.steps == total:
-                    value = self._mean_over_ranks(loss.detach())
-                    if not math.isfinite(value):
-                        raise RecsysError(
-                            f"the training loss became {value} at step {result.steps}: lower "
-                            "trainer.dense_optimizer.lr / trainer.sparse_optimizer.lr, or set "
-                            "trainer.grad_clip_norm"
-                        )
-                    now = time.perf_counter()
-                    rate = window_samples / (now - window_start)
-                    window_start, window_samples = now, 0
-                    result.final_loss = value
-                    result.losses.append([result.steps, value])
-                    self._scalar("train/loss", value, result.steps)
-                    self._scalar("train/lr", lr, result.steps)
-                    self._scalar("train/samples_per_s", rate, result.steps)
-                    if show_bar:
-                        bar.set_postfix(
-                            epoch=result.epoch + 1, loss=f"{value:.4f}", sps=f"{rate:,.0f}"
-                        )
-                    else:
-                        log.info(
-                            "epoch %d step %d/%d  loss %.4f  lr %.2e  %s samples/s",
-                            result.epoch + 1,
-                            result.steps,
-                            total,
-                            value,
-                            lr,
-                            f"{rate:,.0f}",
-                        )
-                bar.update(1)
-                every = cfg.eval_every_steps
-                if validation is not None and every and result.steps % every == 0:
-                    result.train_seconds += time.perf_counter() - tick
-                    done = self._evaluate_and_check(validation, result, stopper)
-                    tick = window_start = time.perf_counter()
-                    window_samples = 0
-                done = done or result.steps >= total
-                if boundary and not done and self._checkpoint_due(result.steps):
-                    result.train_seconds += time.perf_counter() - tick
-                    self._save(result, train, stopper)
-                    tick = window_start = time.perf_counter()
-                    window_samples = 0
+        state, position = self._resume(restored, train, stopper)
+        stopped = state.stopped_early or state.stopped_by_callback
+        state.finished = state.finished and (stopped or state.steps >= total)  # or go on
+        run = _Run(train, total, state, LossLog(self, state, total),
+                   Evaluation(self, validation, stopper, on_evaluation),
+                   CheckpointPolicy(self, train, stopper), Throughput(state))  # fmt: skip
+        self._set_lr(state.steps, total)
+        done = state.finished
+        while not done and state.epoch < cfg.max_epochs:
+            done = self._epoch(run, position)
+            position = None
+        run.log.bar.close()
+        state.stopped_early = bool(stopper and stopper.stopped)
+        if not state.finished:
+            state.finished = True
+            if run.checkpoints.enabled:
+                run.checkpoints.save(state)
+        return state
+
+    def _epoch(self, run: _Run, position: ReaderPosition | None) -> bool:
+        """Train (the rest of) one epoch, then evaluate; True when training is done."""
+        state, throughput = run.state, run.throughput
+        self.model.train()
+        throughput.start()
+        state.epochs = state.epoch + 1
+        done = False
+        # none left when the checkpoint was taken at the epoch's last step
+        if state.epoch_batches < len(run.train):
+            for batch in run.train.iterate(state.epoch, position):
+                done = self._step_with_policies(run, batch)
                 if done:
                     break
-            position = None
-            result.train_seconds += time.perf_counter() - tick
-            if validation is not None and result.last_eval_step != result.steps:
-                done = self._evaluate_and_check(validation, result, stopper) or done
-            window_start, window_samples = time.perf_counter(), 0
-            if result.epoch_batches >= steps_per_epoch and not done:
-                result.epoch, result.epoch_batches = result.epoch + 1, 0
-        bar.close()
-        result.stopped_early = bool(stopper and stopper.bad_evals >= stopper.patience)
-        if not result.finished:
-            result.finished = True
-            if self.checkpointing is not None and cfg.checkpoint.enabled:
-                self._save(result, train, stopper)
-        return result
+        throughput.pause()
+        if run.evaluation.due_at_epoch_end(state):
+            done = run.evaluation.run(state) or done
+        if state.epoch_batches >= len(run.train) and not done:
+            state.epoch, state.epoch_batches = state.epoch + 1, 0
+        return done
+
+    def _step_with_policies(self, run: _Run, batch: Batch) -> bool:
+        """A step, then the logging, evaluation and checkpoint due after it; True when done."""
+        state = run.state
+        loss, boundary = self._step(self._to_device(batch), state, run.total)
+        run.throughput.add(batch.labels.shape[0] * self.world_size)
+        if run.log.due(state.steps):
+            loss_value = self._mean_over_ranks(loss.detach())
+            run.log.record(state, loss_value, self.lr, run.throughput.rate())
+        run.log.bar.update(1)
+        done = False
+        if run.evaluation.due(state.steps):
+            with run.throughput.paused():
+                done = run.evaluation.run(state)
+        done = done or state.steps >= run.total
+        if boundary and not done and run.checkpoints.due(state.steps):
+            with run.throughput.paused():
+                run.checkpoints.save(state)
+        return done
+
+    def _step(self, batch: Batch, state: TrainingState, total: int) -> tuple[torch.Tensor, bool]:
+        """One batch: loss, backward, the tables' update, and at the end of an accumulation the
+        dense optimizer's step and the next learning rate. Returns the loss and whether the
+        dense parameters stepped."""
+        loss = self.task.loss(self.model, batch)
+        (loss / self.cfg.grad_accumulation).backward()
+        if self.row_sparse is not None:
+            self.row_sparse.step()
+        state.steps += 1
+        state.epoch_batches += 1
+        state.first_step_at = state.first_step_at or time.time()
+        boundary = state.steps % self.cfg.grad_accumulation == 0 or state.steps == total
+        if boundary:
+            if self.cfg.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self._dense_params, self.cfg.grad_clip_norm)
+            self.dense_optimizer.step()
+            self.dense_optimizer.zero_grad(set_to_none=True)
+            self._set_lr(state.steps, total)
+        return loss, boundary
 
     def _resume(
         self, restored: Restored | None, train: SplitReader, stopper: EarlyStopping | None
-    ) -> tuple[FitResult, dict | None]:
+    ) -> tuple[TrainingState, ReaderPosition | None]:
         """The state to go on from, and the data position within its epoch (None: its start)."""
         if restored is None:
-            return FitResult(), None
+            return TrainingState(), None
         saved = restored.trainer_state
-        result = FitResult(**saved["fit"])
-        if stopper is not None and result.early_stopping:
-            stopper.best = result.early_stopping["best"]
-            stopper.best_step = result.early_stopping["best_step"]
-            stopper.bad_evals = result.early_stopping["bad_evals"]
+        state = TrainingState.from_dict(saved["fit"])
+        if stopper is not None and state.early_stopping:
+            stopper.go_on_from(state.early_stopping)
         rank_state = restored.rank_state
         set_rng_state(rank_state["rng"])
-        workers = len(train.shares[train.rank])
         if restored.same_layout and self.row_sparse is not None:
             self.row_sparse.load_state_dict(rank_state["sparse_adam"])
         elif self.row_sparse is not None:
             log.warning("the tables' Adam moments restart: they are kept per rank layout")
-        if restored.same_layout and len(rank_state["position"]["workers"]) == workers:
+        position = ReaderPosition.from_dict(rank_state["position"])
+        if restored.same_layout and train.fits(position):
             train.converter.quality.add(DataQuality.from_dict(rank_state["quality"]))
-            position = rank_state["position"]
             how = "exactly where it stopped"
         else:
-            position = train.resume_position(rank_state["position"], saved["steps_per_epoch"])
-            result.epoch_batches = position["drop"]
+            position = train.resume_position(position, saved["steps_per_epoch"])
+            state.epoch_batches = position.skip
             how = (
-                f"on {self.world_size} ranks x {workers} read_threads, where the checkpoint had "
-                f"{restored.manifest['world_size']} ranks: weights, optimizers and step are "
-                "restored; the epoch's data restarts and skips "
-                f"{position['drop']}/{len(train)} batches, so this run will not be identical to "
+                f"on {self.world_size} ranks x {len(position.workers)} read_threads, where the "
+                f"checkpoint had {restored.manifest['world_size']} ranks: weights, optimizers "
+                "and step are restored; the epoch's data restarts and skips "
+                f"{position.skip}/{len(train)} batches, so this run will not be identical to "
                 "an uninterrupted one"
             )
-        log.info("resuming from %s (step %d, epoch %d): %s", restored.path, result.steps,
-                 result.epoch + 1, how)  # fmt: skip
-        if result.epoch_batches == 0:
-            position = None
-        return result, position
-
-    def _checkpoint_due(self, step: int) -> bool:
-        """Whether to checkpoint now: every N steps or minutes, or a signal; agreed by all ranks."""
-        if self.checkpointing is None:
-            return False
-        c = self.cfg.checkpoint
-        timed = bool(c.enabled and c.every_minutes)
-        timed = timed and time.monotonic() - self._last_save >= c.every_minutes * 60
-        signalled = self.checkpointing.preemption.received is not None
-        if self.world_size > 1:  # rank 0's clock decides; a signal to any rank counts
-            flags = torch.tensor([int(timed and dist.get_rank() == 0), int(signalled)])
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            timed, signalled = bool(flags[0]), bool(flags[1])
-        if signalled:
-            return True
-        return timed or bool(c.enabled and c.every_steps and step % c.every_steps == 0)
-
-    def _save(self, result: FitResult, train: SplitReader, stopper: EarlyStopping | None) -> None:
-        """Checkpoint the run as it stands; after a signal, stop the run there."""
-        ck = self.checkpointing
-        preempted = ck.preemption.received is not None and not result.finished
-        result.preemptions += int(preempted)
-        if stopper is not None:
-            result.early_stopping = {"best": stopper.best, "best_step": stopper.best_step,
-                                     "bad_evals": stopper.bad_evals}  # fmt: skip
-        trainer_state = {
-            "fit": dataclasses.asdict(result),
-            "dense_optimizer": self.dense_optimizer.state_dict(),
-            "steps_per_epoch": len(train),
-        }
-        rank_state = {"rng": rng_state(), "position": copy.deepcopy(train.position),
-                      "sparse_adam": self.row_sparse and self.row_sparse.state_dict(),
-                      "quality": train.converter.quality.to_dict()}  # fmt: skip
-        started = time.perf_counter()
-        path = checkpoint.save(ck.root, result.steps, self.model, trainer_state, rank_state,
-                               ck.description, self.cfg.checkpoint.keep_last)  # fmt: skip
-        self._last_save = time.monotonic()
-        log.info("checkpoint %s written in %.1f s", path, time.perf_counter() - started)
-        if preempted:
-            ck.preemption.stop(result.steps, result.preemptions,
-                               self.cfg.checkpoint.max_requeues, str(ck.run_dir))  # fmt: skip
+        log.info("resuming from %s (step %d, epoch %d): %s", restored.path, state.steps,
+                 state.epoch + 1, how)  # fmt: skip
+        return state, position if state.epoch_batches else None
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
         if self.world_size > 1:
@@ -366,35 +502,6 @@ class Trainer:
             dist.all_reduce(value)
             value /= self.world_size
         return value.item()
-
-    def _evaluate_and_check(
-        self, validation: Iterable[Batch], result: FitResult, stopper: EarlyStopping | None
-    ) -> bool:
-        metrics = self.evaluate(validation)
-        result.last_eval_step = result.steps
-        result.evaluations.append({"step": result.steps, **metrics})
-        for name, value in metrics.items():
-            self._scalar(f"validation/{name}", value, result.steps)
-        text = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        log.info("validation at step %d: %s", result.steps, text)
-        self.model.train()
-        if self.on_evaluation is not None and self.on_evaluation(result.steps, metrics):
-            log.info("stopping at step %d: the evaluation callback asked to", result.steps)
-            result.stopped_by_callback = True
-            return True
-        if stopper is None:
-            return False
-        stop = stopper.update(metrics[self.monitor], result.steps)
-        if stop:
-            log.info(
-                "early stopping: validation %s has not improved for %d evaluations "
-                "(best %.4f at step %d)",
-                self.monitor,
-                stopper.patience,
-                stopper.best,
-                stopper.best_step,
-            )
-        return stop
 
     def evaluate(self, split: Iterable[Batch]) -> dict[str, float]:
         """The task's metrics of the current weights over a whole split."""

@@ -339,8 +339,8 @@ def test_a_saved_position_resumes_the_epoch_with_the_same_batches_and_counts(tmp
         head = [next(batches).dense_features[:, 0].tolist() for _ in range(stop)]
         position = copy.deepcopy(first.position)
         batches.close()
-        assert position["batches"] == stop and len(position["workers"]) == 2
-        assert all(w["pieces"] for w in position["workers"][:stop])  # the pieces each was on
+        assert position.batches == stop and len(position.workers) == 2
+        assert all(w.pieces for w in position.workers[:stop])  # the pieces each was on
         second = reader()
         second.converter.quality.add(first.converter.quality)
         tail = [b.dense_features[:, 0].tolist() for b in second.iterate(1, position)]
