@@ -7,6 +7,7 @@ import random
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -18,11 +19,13 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
+from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from recsys import checkpoint
 from recsys import config as schema
 from recsys.batches import DataQuality
-from recsys.data import open_split
+from recsys.checkpoint import Restored
+from recsys.data import SplitReader, open_split
 from recsys.demo_data import ensure_demo
 from recsys.distributed import (
     agree,
@@ -37,6 +40,7 @@ from recsys.distributed import (
     shard,
 )
 from recsys.errors import ConfigError, RecsysError
+from recsys.features import FeatureSpec
 from recsys.objectives import (
     RUN_MEASURES,
     objective_entries,
@@ -58,7 +62,7 @@ from recsys.outputs import (
 )
 from recsys.preemption import EXIT_PREEMPTED, Preempted, Preemption
 from recsys.tasks import task_for
-from recsys.trainer import Checkpointing, Trainer
+from recsys.trainer import Checkpointing, Trainer, TrainingState
 
 log = logging.getLogger("recsys")
 schema.register()
@@ -92,40 +96,102 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class Splits:
+    """Every rank's share of each split, and the repairs counted in the rows it uses."""
+
+    train: SplitReader
+    validation: SplitReader | None
+    test: SplitReader | None
+    quality: dict[str, DataQuality]  # trained on (every epoch), one pass of each evaluated split
+
+
+@dataclass
+class Setup:
+    """The sharded model and what trains it."""
+
+    model: DistributedModelParallel
+    trainer: Trainer
+    objectives: list[str]
+    description: dict  # what a checkpoint must match
+
+
 def run(cfg: DictConfig, run_dir: Path) -> float:
     """Train one model as configured and return its objective (a validation metric)."""
     start = time.perf_counter()
     typed = schema.to_object(cfg)
-    data, tcfg = typed.data, typed.trainer
-    if data.validation is None and tcfg.early_stopping.enabled:
+    check(typed)
+    device = start_process(typed)
+    run_dir = Path(agree(str(run_dir)))  # rank 0's, should ranks' clocks name it differently
+    splits = open_splits(typed)
+    setup = build(cfg, typed, splits.train.converter.spec, device, run_dir)
+    restored = checkpoint.restore(
+        checkpoint.candidates(run_dir / "checkpoints", typed.trainer.resume),
+        setup.model,
+        setup.trainer.dense_optimizer,
+        setup.description,
+    )
+    writer = start_run_dir(cfg, run_dir, restored, setup)
+    setup.trainer.writer = writer
+    log_start(typed.data, splits.train, setup, device)
+    with setup.trainer.checkpointing.preemption:
+        state = setup.trainer.fit(
+            splits.train, splits.validation, pruning_callback(setup.objectives[0]), restored
+        )
+    metrics = metrics_record(state, setup, splits, time.perf_counter() - start)
+    weights = full_state_dict(setup.model)  # a collective: every rank takes part, rank 0 writes
+    if is_rank0():
+        write_outputs(cfg, run_dir, metrics, state, writer, splits.train.converter.spec, weights)
+    return sweep_result(metrics)
+
+
+def check(typed: schema.TrainConfig) -> None:
+    """Config errors found before anything starts."""
+    if typed.data.validation is None and typed.trainer.early_stopping.enabled:
         raise ConfigError(
             "trainer.early_stopping.enabled=true needs a validation split (data.validation)"
         )
-    quiet_torchrec()
-    if tcfg.threads:
-        torch.set_num_threads(tcfg.threads)
-    ensure_demo(data.path)
-    seed_everything(typed.seed)
-    device = resolve_device(tcfg.device)
 
+
+def start_process(typed: schema.TrainConfig) -> torch.device:
+    """Threads, demo data, seeds and the process group; the device to train on."""
+    quiet_torchrec()
+    if typed.trainer.threads:
+        torch.set_num_threads(typed.trainer.threads)
+    ensure_demo(typed.data.path)
+    seed_everything(typed.seed)
+    device = resolve_device(typed.trainer.device)
     init_process_group(device)
     log_ranks()
-    run_dir = Path(agree(str(run_dir)))  # rank 0's, should ranks' clocks name it differently
-    # repairs in the rows used: trained on (every epoch), and one pass of each evaluated split
+    return device
+
+
+def open_splits(typed: schema.TrainConfig) -> Splits:
+    """Each rank reads its own share of every split; evaluation gathers the ranks' predictions."""
+    data, max_eval = typed.data, typed.trainer.max_eval_batches
     quality = {split: DataQuality() for split in ("train", "validation", "test")}
-    # each rank reads its own share of every split; evaluation gathers the ranks' predictions
     shard_of = {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
     train = open_split(data, "train", quality["train"], train=True, seed=typed.seed, **shard_of)
-    val = test = None
-    if data.validation:
-        val = open_split(
-            data, "validation", quality["validation"], False, tcfg.max_eval_batches, **shard_of
-        )
-    if data.test:
-        test = open_split(data, "test", quality["test"], False, tcfg.max_eval_batches, **shard_of)
-    spec = train.converter.spec  # table sizes from config or the vocabularies
+    evaluated = {
+        split: open_split(data, split, quality[split], False, max_eval, **shard_of)
+        if getattr(data, split)
+        else None
+        for split in ("validation", "test")
+    }
+    return Splits(train, evaluated["validation"], evaluated["test"], quality)
+
+
+def build(
+    cfg: DictConfig,
+    typed: schema.TrainConfig,
+    spec: FeatureSpec,
+    device: torch.device,
+    run_dir: Path,
+) -> Setup:
+    """The model (sharded), its task, objectives and optimizers, and the trainer."""
+    tcfg = typed.trainer
     model = instantiate(cfg.model, _partial_=True, _convert_="all")(features=spec, device="meta")
-    task = task_for(model, data)
+    task = task_for(model, typed.data)
     objectives = objective_names(typed.objective, task.metrics)
     objective = next((n for n in objectives if n not in RUN_MEASURES), None)
     monitor = _metric(
@@ -136,24 +202,34 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     )
     model = shard(model, device, tcfg.sparse_optimizer, tcfg.sharding)
     dense_opt = instantiate(cfg.trainer.dense_optimizer, params=dense_parameters(model))
-    checkpoints = run_dir / "checkpoints"
-    preemption = Preemption()
-    ckpt = Checkpointing(checkpoints, description, preemption, run_dir)
+    ckpt = Checkpointing(run_dir / "checkpoints", description, Preemption(), run_dir)
     # the trainer takes the configured learning rates before a checkpoint's replace them
     trainer = Trainer(model, dense_opt, tcfg, task, device, None, monitor, ckpt)
-    restored = checkpoint.restore(
-        checkpoint.candidates(checkpoints, tcfg.resume), model, dense_opt, description
-    )
-    writer = None
-    if is_rank0():
-        if restored is None and (aside := set_aside_earlier_run(run_dir)):
-            log.warning("starting over: the earlier run's checkpoints and TensorBoard files in "
-                        "this run dir were moved to %s", aside)  # fmt: skip
-        # a resumed run's curves go on from its checkpoint, hiding what came after it before
-        step = restored.manifest["step"] if restored else None
-        trainer.writer = writer = SummaryWriter(log_dir=str(run_dir), purge_step=step)
-        save_config(run_dir, cfg)
-        write_text(run_dir / "sharding_plan.txt", str(model.plan).strip() + "\n")
+    return Setup(model, trainer, objectives, description)
+
+
+def start_run_dir(
+    cfg: DictConfig, run_dir: Path, restored: Restored | None, setup: Setup
+) -> SummaryWriter | None:
+    """On rank 0: the earlier run set aside (when starting over), TensorBoard's writer, the
+    config and the sharding plan."""
+    if not is_rank0():
+        return None
+    if restored is None and (aside := set_aside_earlier_run(run_dir)):
+        log.warning("starting over: the earlier run's checkpoints and TensorBoard files in "
+                    "this run dir were moved to %s", aside)  # fmt: skip
+    # a resumed run's curves go on from its checkpoint, hiding what came after it before
+    step = restored.manifest["step"] if restored else None
+    writer = SummaryWriter(log_dir=str(run_dir), purge_step=step)
+    save_config(run_dir, cfg)
+    write_text(run_dir / "sharding_plan.txt", str(setup.model.plan).strip() + "\n")
+    return writer
+
+
+def log_start(
+    data: schema.DataConfig, train: SplitReader, setup: Setup, device: torch.device
+) -> None:
+    model = setup.model
     log.info("sharding plan: %s (in full: sharding_plan.txt)", plan_summary(model.plan))
     ranks = dist.get_world_size()
     rows = sum(p.rows for share in train.shares for worker in share for p in worker)
@@ -168,52 +244,69 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         f" per rank ({data.batch_size * ranks} in all)" if ranks > 1 else "",
         device,
     )
-    with preemption:
-        fit = trainer.fit(train, val, pruning_callback(objectives[0]), restored)
-    val_metrics = fit.evaluations[-1] if fit.evaluations else {}
+
+
+def metrics_record(state: TrainingState, setup: Setup, splits: Splits, wall: float) -> dict:
+    """What metrics.json holds: validation and test metrics, objectives, training, data quality."""
+    val_metrics = state.evaluations[-1] if state.evaluations else {}
     val_metrics = {k: v for k, v in val_metrics.items() if k != "step"}
-    test_metrics = trainer.evaluate(test) if test is not None else {}
-    quality = {split: _summed_over_ranks(q).to_dict() for split, q in quality.items()}
-    wall = time.perf_counter() - start
-    measures = {"parameters": parameter_count(model), "samples_per_s": fit.samples_per_s}
-    entries = objective_entries(objectives, val_metrics, measures)
-    metrics = {
-        "status": "pruned" if fit.stopped_by_callback else "complete",
+    test = splits.test
+    test_metrics = setup.trainer.evaluate(test) if test is not None else {}
+    quality = {split: _summed_over_ranks(q).to_dict() for split, q in splits.quality.items()}
+    measures = {"parameters": parameter_count(setup.model), "samples_per_s": state.samples_per_s}
+    entries = objective_entries(setup.objectives, val_metrics, measures)
+    return {
+        "status": "pruned" if state.stopped_by_callback else "complete",
         "validation": val_metrics,
         "test": test_metrics,
         "objective": entries[0],
         "objectives": entries,
         "parameters": measures["parameters"],
         "train": {
-            "steps": fit.steps,
-            "epochs": fit.epochs,
-            "samples": fit.samples,
-            "samples_per_s": fit.samples_per_s,
-            "train_seconds": fit.train_seconds,
-            "final_loss": fit.final_loss,
+            "steps": state.steps,
+            "epochs": state.epochs,
+            "samples": state.samples,
+            "samples_per_s": state.samples_per_s,
+            "train_seconds": state.train_seconds,
+            "final_loss": state.final_loss,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "stopped_early": fit.stopped_early,
-            "first_step_at": fit.first_step_at,
-            "evaluations": fit.evaluations,
-            "losses": fit.losses,
-            "preemptions": fit.preemptions,
+            "stopped_early": state.stopped_early,
+            "first_step_at": state.first_step_at,
+            "evaluations": state.evaluations,
+            "losses": state.losses,
+            "preemptions": state.preemptions,
         },
         "wall_time_s": wall,
         "data_quality": quality,
     }
-    state = full_state_dict(model)  # a collective: every rank takes part, rank 0 writes
-    if not is_rank0():
-        return sweep_result(metrics)
-    write_json(run_dir / "metrics.json", metrics)
-    model_path = save_model(run_dir, cfg.model, spec, state)
-    final = {f"validation/{k}": v for k, v in val_metrics.items()}
-    final |= {f"test/{k}": v for k, v in test_metrics.items()}
-    final["train/samples_per_s"] = fit.samples_per_s
-    writer.add_hparams(flat_hparams(cfg), final, run_name=".", global_step=fit.steps)
-    writer.close()
 
-    rows = [(f"validation {k}", f"{v:.4f}") for k, v in val_metrics.items()]
-    rows += [(f"test {k}", f"{v:.4f}") for k, v in test_metrics.items()]
+
+def write_outputs(
+    cfg: DictConfig,
+    run_dir: Path,
+    metrics: dict,
+    state: TrainingState,
+    writer: SummaryWriter,
+    spec: FeatureSpec,
+    weights: dict,
+) -> None:
+    """metrics.json, model.pt, TensorBoard's hparams, and the summary in the log."""
+    write_json(run_dir / "metrics.json", metrics)
+    model_path = save_model(run_dir, cfg.model, spec, weights)
+    final = {f"validation/{k}": v for k, v in metrics["validation"].items()}
+    final |= {f"test/{k}": v for k, v in metrics["test"].items()}
+    final["train/samples_per_s"] = state.samples_per_s
+    writer.add_hparams(flat_hparams(cfg), final, run_name=".", global_step=state.steps)
+    writer.close()
+    rows = summary_rows(metrics, state) + [("run dir", str(run_dir)), ("model", str(model_path))]
+    log.info("summary\n%s", summary_table(rows))
+
+
+def summary_rows(metrics: dict, state: TrainingState) -> list[tuple[str, str]]:
+    """The end-of-run summary: metrics, objectives, steps, speed, memory, time and repairs."""
+    rows = [(f"validation {k}", f"{v:.4f}") for k, v in metrics["validation"].items()]
+    rows += [(f"test {k}", f"{v:.4f}") for k, v in metrics["test"].items()]
+    entries = metrics["objectives"]
     rows += [
         (
             "objective",
@@ -221,20 +314,18 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         ),
         (
             "steps / epochs",
-            f"{fit.steps} / {fit.epochs}" + (" (early stop)" if fit.stopped_early else ""),
+            f"{state.steps} / {state.epochs}" + (" (early stop)" if state.stopped_early else ""),
         ),
-        ("train samples/s", f"{fit.samples_per_s:,.0f}"),
+        ("train samples/s", f"{state.samples_per_s:,.0f}"),
         ("peak RSS", f"{metrics['train']['peak_rss_mb']:,.0f} MB"),
-        ("wall time", f"{wall:.1f} s"),
+        ("wall time", f"{metrics['wall_time_s']:.1f} s"),
     ]
-    for split, kinds in quality.items():
+    for split, kinds in metrics["data_quality"].items():
         for kind, counts in kinds.items():
             if counts := {k: v for k, v in counts.items() if v}:
                 text = ", ".join(f"{k}: {v:,}" for k, v in counts.items())
                 rows.append((f"{split} {kind.replace('_', ' ')}", text))
-    rows += [("run dir", str(run_dir)), ("model", str(model_path))]
-    log.info("summary\n%s", summary_table(rows))
-    return sweep_result(metrics)
+    return rows
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
