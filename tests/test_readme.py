@@ -13,7 +13,9 @@ from tests.conftest import ROOT, compose_cfg
 
 # `python -m recsys.<entry> ...` or `torchrun [options] -m recsys.<entry> ...`, in a code block
 COMMAND = re.compile(r"^ {4,}(?:python -m |torchrun (?:--\S+ )*-m )recsys\.(\w+)(.*)$")
-CONFIG_OF = {e: e for e in ("train", "vocabulary", "evaluate", "predict")}
+CONFIG_OF = {
+    e: e for e in ("train", "vocabulary", "evaluate", "predict", "export", "serve", "recommend")
+}
 
 
 def readme_commands() -> list[tuple[str, str]]:
