@@ -71,6 +71,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 SECRET_KEYS = ("access_key", "secret_key")
+MASK = "***"  # what a credential is written as
 
 
 def secrets(cfg: DictConfig) -> list[str]:
@@ -79,12 +80,26 @@ def secrets(cfg: DictConfig) -> list[str]:
     return [str(s3[k]) for k in SECRET_KEYS if s3.get(k)]
 
 
+def mask_secrets(data: Any) -> None:
+    """Write a data config's credentials (where given) as MASK."""
+    s3 = data.get("s3") or {}
+    for k in SECRET_KEYS:
+        if s3.get(k):
+            s3[k] = MASK
+
+
+def unmask_secrets(data: Any) -> None:
+    """Masked credentials of a saved data config to None: AWS's own chain then supplies them."""
+    s3 = data.get("s3") or {}
+    for k in SECRET_KEYS:
+        if s3.get(k) == MASK:
+            s3[k] = None
+
+
 def save_config(run_dir: Path, cfg: DictConfig) -> None:
     """The fully resolved config, as this run saw it, credentials masked."""
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    for k in SECRET_KEYS:
-        if container["data"].get("s3", {}).get(k):
-            container["data"]["s3"][k] = "***"
+    mask_secrets(container["data"])
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(container)))
 
 
@@ -95,7 +110,7 @@ def mask_in_files(folder: Path, values: list[str]) -> None:
             text = path.read_text()
             masked = text
             for v in values:
-                masked = masked.replace(v, "***")
+                masked = masked.replace(v, MASK)
             if masked != text:
                 write_text(path, masked)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -17,9 +16,9 @@ from recsys import vocabulary
 from recsys.config import DataConfig, RunInputConfig
 from recsys.demo_data import ensure_demo
 from recsys.distributed import quiet_torchrec
-from recsys.errors import DataError, RecsysError
+from recsys.errors import DataError, exit_on_user_error
 from recsys.features import FeatureSpec
-from recsys.outputs import SECRET_KEYS, load_model
+from recsys.outputs import load_model, unmask_secrets
 
 log = logging.getLogger("recsys")
 
@@ -52,9 +51,7 @@ def check_features(run_dir: Path, spec: FeatureSpec, data: DataConfig, label: bo
 def saved_data(run_dir: Path) -> DataConfig:
     """The data config a run was trained with; S3 credentials masked in it come from AWS's chain."""
     saved = OmegaConf.load(run_dir / "config.yaml").data
-    for key in SECRET_KEYS:
-        if (saved.get("s3") or {}).get(key) == "***":
-            saved.s3[key] = None
+    unmask_secrets(saved)
     known = {f.name for f in fields(DataConfig)}
     node = OmegaConf.merge(
         OmegaConf.structured(DataConfig), {k: v for k, v in saved.items() if k in known}
@@ -77,8 +74,5 @@ def open_run(cfg: RunInputConfig, label: bool) -> tuple[Path, nn.Module, Feature
 
 def run_or_exit(run: Callable[[DictConfig], object], cfg: DictConfig) -> None:
     """An entry point's work; a user error ends the process with one line naming the fix."""
-    try:
+    with exit_on_user_error():
         run(cfg)
-    except RecsysError as e:
-        log.error("error: %s", e)
-        sys.exit(2)

@@ -39,7 +39,7 @@ from recsys.distributed import (
     resolve_device,
     shard,
 )
-from recsys.errors import ConfigError, RecsysError
+from recsys.errors import ConfigError, exit_on_user_error
 from recsys.features import FeatureSpec
 from recsys.objectives import (
     RUN_MEASURES,
@@ -333,18 +333,15 @@ def main(cfg: DictConfig) -> float:
     """Entry point; user errors end the run with one line naming the fix."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     mask_in_files(run_dir / HydraConfig.get().output_subdir, secrets(cfg))
-    try:
-        return run(cfg, run_dir)
-    except Preempted as e:
-        if HydraConfig.get().mode is RunMode.MULTIRUN:
-            raise
-        log.warning("%s", e)
-        sys.exit(EXIT_PREEMPTED)
-    except RecsysError as e:
-        if HydraConfig.get().mode is RunMode.MULTIRUN:
-            raise
-        log.error("error: %s", e)
-        sys.exit(2)
+    multirun = HydraConfig.get().mode is RunMode.MULTIRUN  # the sweeper records a trial's error
+    with exit_on_user_error(reraise=multirun):
+        try:
+            return run(cfg, run_dir)
+        except Preempted as e:  # a user error too, but one that a requeue or rerun goes on from
+            if multirun:
+                raise
+            log.warning("%s", e)
+            sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

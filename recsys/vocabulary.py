@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from recsys import config as schema
 from recsys.config import DataConfig, demo_dir
-from recsys.errors import DataError, RecsysError
+from recsys.errors import DataError, exit_on_user_error
 from recsys.exported import id_keys, vocab_lookup
 from recsys.sources import filesystem, split_pieces
 
@@ -150,11 +150,8 @@ def _merge(tables: list[pa.Table]) -> pa.Table:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="vocabulary")
 def main(cfg: DictConfig) -> None:
     """Entry point: counts over the configured data's train split; the model is not used."""
-    try:
+    with exit_on_user_error():
         index = build(schema.to_object(cfg).data)
-    except RecsysError as e:
-        log.error("error: %s", e)
-        raise SystemExit(2) from None
     width = max(len(c) for c in index["columns"])
     for c, v in index["columns"].items():
         log.info("%-*s  %10d distinct  %10d kept  -> %d table rows", width, c, v["distinct"],
