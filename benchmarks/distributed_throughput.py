@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,16 +20,9 @@ from pathlib import Path
 
 from train_throughput import BATCH, DIM, HIDDEN, N_DENSE, bench_spec, ensure_data
 
+from recsys.distributed import torchrun_command
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def torchrun(nproc: int) -> list[str]:
-    """torchrun with nproc CPU processes, rendezvous on a free loopback port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1", f"--master_port={port}"]  # fmt: skip
 
 
 def measure(path: Path, nproc: int) -> dict:
@@ -53,7 +45,7 @@ def measure(path: Path, nproc: int) -> dict:
             f"hydra.run.dir={run_dir}",
         ]
         proc = subprocess.run(
-            [*torchrun(nproc), "-m", "recsys.train", *overrides],
+            [*torchrun_command(nproc), "-m", "recsys.train", *overrides],
             capture_output=True,
             text=True,
             cwd=ROOT,

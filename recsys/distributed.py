@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
 import warnings
 from collections import Counter
 from typing import TypeVar
@@ -200,3 +202,12 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         else:
             out[key] = value.detach().cpu().clone()
     return out
+
+
+def torchrun_command(nproc: int) -> list[str]:
+    """torchrun with nproc CPU processes, rendezvous on a free loopback port (tests, benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1", f"--master_port={port}"]  # fmt: skip

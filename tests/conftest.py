@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from recsys import config as schema
 from recsys.demo_data import DemoSpec, generate
+from recsys.distributed import torchrun_command  # noqa: F401  (the tests' import of it)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -71,12 +71,3 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert ma[key] == mb[key], key
     for key in ("steps", "epochs", "samples", "final_loss", "evaluations", "losses"):
         assert ma["train"][key] == mb["train"][key], key
-
-
-def torchrun_command(nproc: int) -> list[str]:
-    """torchrun with nproc CPU processes, rendezvous on a free loopback port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1", f"--master_port={port}"]  # fmt: skip
