@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
+import torch
 
 from recsys import export, recommend
 from recsys.errors import RecsysError
 from recsys.exported import load_exported
+from recsys.topk import top_k
 from tests.conftest import compose_cfg
 from tests.exports import make_run, write_data
 
@@ -65,6 +67,7 @@ def test_exact_top_k_equals_brute_force(run, tmp_path, exclude_seen):
 
 
 def test_faiss_reports_its_recall_against_exact(run, tmp_path):
+    pytest.importorskip("faiss", reason="index=faiss needs the `faiss` extra (faiss-cpu)")
     data, run_dir = run
     for factory, floor in (("Flat", 1.0), ("HNSW16", 0.9)):
         out = tmp_path / factory
@@ -83,3 +86,16 @@ def test_recommend_refuses_a_ranking_run(tmp_path):
         cfg = compose_cfg(f"run={ranking}", f"output={tmp_path / 'x'}", config_name="recommend")
         recommend.run(cfg)
     assert not (tmp_path / "x").exists()
+
+
+def test_top_k_over_slabs_equals_a_full_sort_and_drops_seen_items():
+    users, items = torch.randn(7, 8), torch.randn(50, 8)
+    full = users @ items.T
+    scores, positions = top_k(users, items, 10, slab=6)
+    expected = full.topk(10, dim=1)
+    assert torch.equal(positions, expected.indices)
+    torch.testing.assert_close(scores, expected.values)
+    seen = [np.array(expected.indices[i, :3].numpy()) for i in range(7)]
+    _, positions = top_k(users, items, 10, slab=6, seen=seen)
+    assert torch.equal(positions, expected.indices.new_tensor(full.scatter(
+        1, expected.indices[:, :3], float("-inf")).topk(10, dim=1).indices))  # fmt: skip

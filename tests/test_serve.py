@@ -14,13 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from recsys import export
 from recsys.exported import load_exported
-from recsys.topk import top_k
 from tests.conftest import ROOT, compose_cfg
 from tests.exports import make_run, write_data
+
+pytest.importorskip("fastapi", reason="recsys.serve needs the `serve` extra (FastAPI, uvicorn)")
+pytest.importorskip("uvicorn", reason="recsys.serve needs the `serve` extra (FastAPI, uvicorn)")
 
 ROW = {"d0": 0.5, "d1": 1, "user": 3, "city": "city-2", "tags": [1, 2], "item": 4, "genre": "g1"}
 
@@ -160,16 +161,3 @@ def test_a_two_tower_run_is_served_with_encoders_and_top_k(data, tmp_path):
         assert set(call(f"{server.url}/schema")[1]["inputs"]["item"]) == {"item", "genre", "d1"}
     finally:
         server.stop()
-
-
-def test_top_k_over_slabs_equals_a_full_sort_and_drops_seen_items():
-    users, items = torch.randn(7, 8), torch.randn(50, 8)
-    full = users @ items.T
-    scores, positions = top_k(users, items, 10, slab=6)
-    expected = full.topk(10, dim=1)
-    assert torch.equal(positions, expected.indices)
-    torch.testing.assert_close(scores, expected.values)
-    seen = [np.array(expected.indices[i, :3].numpy()) for i in range(7)]
-    _, positions = top_k(users, items, 10, slab=6, seen=seen)
-    assert torch.equal(positions, expected.indices.new_tensor(full.scatter(
-        1, expected.indices[:, :3], float("-inf")).topk(10, dim=1).indices))  # fmt: skip
