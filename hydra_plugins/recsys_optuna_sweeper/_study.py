@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 from ._results import shown, write_results
 from ._search_space import SearchSpace
 from ._storage import open_storage, storage_spec
+from .config import OptunaSweeperConf
 from .errors import SweepError
 from .trial import job_overrides
 
@@ -85,16 +86,16 @@ def _build(key: str, cfg: Any, **kwargs: Any) -> Any:
         ) from None
 
 
-def _check_counts(settings: dict[str, Any]) -> None:
+def _check_counts(settings: OptunaSweeperConf) -> None:
     for key, least in (("n_trials", 1), ("n_jobs", 1), ("max_failures", 0)):
-        if settings[key] < least:
-            raise SweepError(f"hydra.sweeper.{key}={settings[key]} is out of range: use >= {least}")
+        if (value := getattr(settings, key)) < least:
+            raise SweepError(f"hydra.sweeper.{key}={value} is out of range: use >= {least}")
 
 
-def _open_study(settings: dict[str, Any], spec: str, directions: list[str]) -> optuna.Study:
+def _open_study(settings: OptunaSweeperConf, spec: str, directions: list[str]) -> optuna.Study:
     """Create the study, or load it to resume: re-queue trials an interrupted session left."""
-    name = settings["study_name"]
-    pruner_cfg = settings["pruner"]
+    name = settings.study_name
+    pruner_cfg = settings.pruner
     pruner = _build("pruner", pruner_cfg) if pruner_cfg else optuna.pruners.NopPruner()
     if len(directions) > 1 and pruner_cfg:
         raise SweepError(
@@ -112,7 +113,7 @@ def _open_study(settings: dict[str, Any], spec: str, directions: list[str]) -> o
             f"study {name!r} in {spec} has directions {[d.name.lower() for d in study.directions]}"
             f", not {directions}: use another hydra.sweeper.study_name or the study's directions"
         )
-    sampler_cfg = settings["sampler"]
+    sampler_cfg = settings.sampler
     seed = sampler_cfg.get("seed") if sampler_cfg else None
     # a resumed, seeded sampler must not replay the random draws of the sessions before it
     extra = {"seed": seed + len(study.trials)} if seed is not None else {}
@@ -141,7 +142,7 @@ def _finished(study: optuna.Study) -> int:
 
 
 def run_study(
-    settings: dict[str, Any],
+    settings: OptunaSweeperConf,
     arguments: list[str],
     config: DictConfig,
     loader: ConfigLoader,
@@ -149,15 +150,15 @@ def run_study(
 ) -> optuna.Study:
     """Run trials until n_trials have finished (complete or pruned), resuming a stored study."""
     _check_counts(settings)
-    directions = _directions(settings["direction"])
-    space = SearchSpace.parse(dict(settings["params"] or {}), arguments)
+    directions = _directions(settings.direction)
+    space = SearchSpace.parse(dict(settings.params or {}), arguments)
     space.check(config, loader)
     sweep_dir = Path(config.hydra.sweep.dir)
-    spec = storage_spec(settings["storage"], str(sweep_dir))
+    spec = storage_spec(settings.storage, str(sweep_dir))
     study = _open_study(settings, spec, directions)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(config, sweep_dir / "multirun.yaml")
-    n_trials, failures = settings["n_trials"], 0
+    n_trials, failures = settings.n_trials, 0
     log.info(
         "study %r (%s): %d of %d trials finished; storage %s (view: %s)",
         study.study_name,
@@ -170,7 +171,7 @@ def run_study(
     exhausted = False
     while not exhausted and (left := n_trials - _finished(study)) > 0:
         # asked together, a batch's trials have consecutive numbers: job i's dir is its trial's
-        batch = [study.ask(space.distributions) for _ in range(min(settings["n_jobs"], left))]
+        batch = [study.ask(space.distributions) for _ in range(min(settings.n_jobs, left))]
         jobs = [
             space.overrides(t.params) + job_overrides(spec, study.study_name, t._trial_id)
             for t in batch
@@ -194,11 +195,11 @@ def run_study(
             exhausted = not _tell(study, trial, result.values, result.state) or exhausted
             values = ", ".join(map(shown, result.values or []))
             log.info("trial %d %s %s", trial.number, result.state.name.lower(), values)
-        if failures > settings["max_failures"]:
+        if failures > settings.max_failures:
             log.info(write_results(study, space, sweep_dir, spec))
             raise SweepError(
                 f"{failures} trials failed in this session, more than hydra.sweeper.max_failures="
-                f"{settings['max_failures']} (reasons above): fix the cause or raise max_failures;"
+                f"{settings.max_failures} (reasons above): fix the cause or raise max_failures;"
                 " re-running the same command resumes the study"
             )
     if exhausted:

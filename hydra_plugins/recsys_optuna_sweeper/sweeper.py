@@ -9,12 +9,14 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
+from .config import OptunaSweeperConf
+
 
 class OptunaSweeper(Sweeper):
     """Runs an Optuna study as a multirun; settings as in `config.OptunaSweeperConf`."""
 
     def __init__(self, **settings: Any) -> None:
-        self.settings = settings
+        self.settings = OptunaSweeperConf(**settings)
         self.hydra_context: HydraContext | None = None
         self.config: DictConfig | None = None
         self.launcher = None
