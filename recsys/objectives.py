@@ -12,6 +12,7 @@ from torch import nn
 from recsys.distributed import agree, is_rank0
 from recsys.errors import ConfigError
 from recsys.metrics import higher_is_better
+from recsys.sweep_trial import current_trial
 
 # Objectives measured on the run itself rather than on the validation split.
 RUN_MEASURES = {"parameters": False, "samples_per_s": True}
@@ -60,8 +61,6 @@ def sweep_result(metrics: dict) -> float | tuple[float, ...]:
 
 def pruning_callback(objective: str) -> Callable[[int, dict[str, float]], bool] | None:
     """Reports each evaluation to the sweep's trial (rank 0); True on all ranks once pruned."""
-    from hydra_plugins.recsys_optuna_sweeper.trial import current_trial
-
     trial = current_trial()
     if trial is None or len(trial.study.directions) > 1 or objective in RUN_MEASURES:
         return None

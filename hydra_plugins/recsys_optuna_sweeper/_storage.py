@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from optuna.storages import BaseStorage, JournalStorage, RDBStorage
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages import BaseStorage
+
+from recsys.sweep_trial import storage_of
 
 from .errors import SweepError
 
@@ -36,9 +37,9 @@ def open_storage(spec: str) -> BaseStorage:
                 "hydra.sweep.dir=<a writable dir>"
             ) from None
     if "://" not in spec:
-        return JournalStorage(JournalFileBackend(spec))
+        return storage_of(spec)  # a journal file, found writable above
     try:
-        return RDBStorage(spec)
+        return storage_of(spec)
     except Exception as e:  # SQLAlchemy's errors for a bad URL, driver or server
         first = str(e).strip().splitlines()[0]
         raise SweepError(

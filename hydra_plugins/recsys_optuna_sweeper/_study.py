@@ -18,12 +18,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
+from recsys.sweep_trial import job_overrides
+
 from ._results import shown, write_results
 from ._search_space import SearchSpace
 from ._storage import open_storage, storage_spec
 from .config import OptunaSweeperConf
 from .errors import SweepError
-from .trial import job_overrides
 
 log = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)

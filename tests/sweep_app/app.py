@@ -6,7 +6,7 @@ import hydra
 import optuna
 from omegaconf import DictConfig
 
-from hydra_plugins.recsys_optuna_sweeper.trial import current_trial
+from recsys.sweep_trial import current_trial
 
 
 @hydra.main(version_base="1.3", config_path=".", config_name="app")

@@ -1,7 +1,9 @@
-"""A job's side of a sweep: which Optuna trial it runs, to report evaluations and learn to prune.
+"""A job's side of an Optuna sweep: which trial it runs, to report evaluations and learn to prune.
 
-The sweeper names the trial through Hydra's `hydra.job.env_set`, so it reaches the job in this
-process (basic launcher) and in submitit's processes on this machine or a SLURM node alike.
+The sweeper (hydra_plugins/recsys_optuna_sweeper) names the trial through Hydra's
+`hydra.job.env_set`, so it reaches the job in this process (basic launcher) and in submitit's
+processes on this machine or a SLURM node alike. The sweeper imports this module; recsys never
+imports the sweeper.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import optuna
+    from optuna.storages import BaseStorage
 
 STORAGE_ENV = "RECSYS_OPTUNA_STORAGE"
 STUDY_ENV = "RECSYS_OPTUNA_STUDY"
@@ -28,6 +31,16 @@ def _quoted(value: str) -> str:
     return f"'{escaped}'"
 
 
+def storage_of(spec: str) -> BaseStorage:
+    """The study storage a spec names: a journal file path, or an RDB URL such as sqlite."""
+    from optuna.storages import JournalStorage, RDBStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if "://" not in spec:
+        return JournalStorage(JournalFileBackend(spec))
+    return RDBStorage(spec)
+
+
 def current_trial() -> optuna.Trial | None:
     """The trial this job runs, with the study's configured pruner; None outside our sweeps."""
     trial_id = os.environ.get(TRIAL_ENV)
@@ -37,12 +50,10 @@ def current_trial() -> optuna.Trial | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
 
-    from ._storage import open_storage
-
     pruner_cfg = HydraConfig.get().sweeper.get("pruner")
     study = optuna.load_study(
         study_name=os.environ[STUDY_ENV],
-        storage=open_storage(os.environ[STORAGE_ENV]),
+        storage=storage_of(os.environ[STORAGE_ENV]),
         pruner=instantiate(pruner_cfg) if pruner_cfg else optuna.pruners.NopPruner(),
     )
     return optuna.Trial(study, int(trial_id))
