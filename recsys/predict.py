@@ -26,7 +26,7 @@ from torchrec import KeyedJaggedTensor
 from recsys import config as schema
 from recsys import vocabulary
 from recsys.batches import BatchConverter, DataQuality, check_schema
-from recsys.columns import pad_inputs
+from recsys.column_subset import pad_inputs
 from recsys.config import Embeddings, PredictConfig, SplitConfig, Task
 from recsys.errors import ConfigError, DataError
 from recsys.features import FeatureSpec
@@ -39,7 +39,7 @@ log = logging.getLogger("recsys")
 schema.register()
 
 
-class Scores:
+class ScoreColumns:
     """A ranking model's output: its logit (and the probability, for binary labels)."""
 
     def __init__(self, model: nn.Module, spec: FeatureSpec):
@@ -86,7 +86,7 @@ def output_of(model: nn.Module, spec: FeatureSpec, side: Embeddings | None):
             f"embeddings={side.value} is for two-tower models; this run's model is "
             f"{type(model).__name__}, which writes scores: leave embeddings out"
         )
-    return Scores(model, spec)
+    return ScoreColumns(model, spec)
 
 
 def check_columns(pieces: list[Piece], part: FeatureSpec, keys: list[str]) -> None:

@@ -13,7 +13,7 @@ from torchrec import KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
 
 from recsys.batches import DataQuality
-from recsys.columns import only_columns, pad_inputs
+from recsys.column_subset import only_columns, pad_inputs
 from recsys.config import DataConfig
 from recsys.data import open_split
 from recsys.errors import DataError

@@ -39,7 +39,7 @@ def loss_fn(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.mse_loss(logits, labels)
 
 
-class Scores:
+class LogitEvaluator:
     """Collects a model's logits over a split and scores them against the labels."""
 
     def __init__(self, model: nn.Module, task: Task):
@@ -64,8 +64,8 @@ class Ranking:
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return loss_fn(self.task, model(batch.dense_features, batch.sparse_features), batch.labels)
 
-    def evaluator(self, model: nn.Module, device: torch.device) -> Scores:
-        return Scores(model, self.task)
+    def evaluator(self, model: nn.Module, device: torch.device) -> LogitEvaluator:
+        return LogitEvaluator(model, self.task)
 
 
 def task_for(model: nn.Module, data: DataConfig) -> TrainingTask:
