@@ -70,7 +70,8 @@ def child(model_name: str, repeats: int, out: Path) -> None:
     model = instantiate(cfg.model, _partial_=True, _convert_="all")(features=spec, device="meta")
     description = checkpoint.describe(model)
     rows = sum(t[0] for t in description["tables"].values())
-    model = shard(model, device, typed.trainer.sparse_optimizer, typed.trainer.sharding)
+    t = typed.trainer
+    model = shard(model, device, t.sparse_optimizer, t.sharding, t.first_order_optimizer)
     dense_opt = instantiate(cfg.trainer.dense_optimizer, params=dense_parameters(model))
     rank = dist.get_rank()
     root = out / "checkpoints"

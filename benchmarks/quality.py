@@ -50,7 +50,7 @@ def spec_of(mix: str, rows: int):
     over = dict(MIXES[mix])
     high = over.pop("max_rows", 100_000)
     return DemoSpec(
-        rows={"train": rows, "validation": 0, "test": rows // 5},
+        rows={"train": rows, "validation": rows // 10, "test": rows // 5},  # validation: sweeps
         n_dense=N_DENSE,
         cardinalities=log_spaced(N_CAT, 10, high),
         tag_vocab=0,
@@ -62,7 +62,7 @@ def ensure_data(mix: str, rows: int) -> Path:
     from recsys.demo_data import generate
 
     cache = os.environ.get("RECSYS_CACHE") or Path.home() / ".cache" / "recsys"
-    out = Path(cache) / "bench" / f"quality-{mix}-{rows}"
+    out = Path(cache) / "bench" / f"quality-v2-{mix}-{rows}"
     if not (out / "demo_info.json").exists():
         print(f"generating {mix} ({rows:,} train rows) into {out} ...", flush=True)
         generate(out, spec_of(mix, rows))
@@ -210,7 +210,7 @@ def child(kind: str, path: Path, model: str, epochs: int, extra: list[str]) -> N
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--rows", type=int, default=400_000, help="train rows per set (test: 1/5)")
+    ap.add_argument("--rows", type=int, default=250_000, help="train rows per set (test: 1/5)")
     ap.add_argument("--mixes", nargs="+", default=list(MIXES), choices=list(MIXES))
     ap.add_argument("--models", nargs="+", default=MODELS)
     ap.add_argument("--epochs", type=int, default=1)

@@ -321,7 +321,7 @@ class DenseOptimizerConfig:
 
 @dataclass
 class SparseOptimizerConfig:
-    """The optimizer of the embedding tables, fused into their backward pass.
+    """An optimizer of embedding tables, fused into their backward pass.
 
     sgd, adagrad and rowwise_adagrad are FBGEMM's kernels; adam is FBGEMM's on CUDA and a
     row-sparse Adam over each batch's rows on CPU (recsys/sparse_adam.py). `eps` (null: 1e-8)
@@ -329,30 +329,31 @@ class SparseOptimizerConfig:
     one the type lacks is refused. No weight decay: FBGEMM's CPU kernels ignore it (measured).
     """
 
-    type: SparseOptimizer = SparseOptimizer.adagrad
-    lr: float = 0.02
+    type: SparseOptimizer = SparseOptimizer.adam
+    lr: float = 0.005
     eps: float | None = None
     betas: list[float] | None = None
 
-    def __post_init__(self) -> None:
-        _positive("trainer.sparse_optimizer.lr", self.lr)
-        _positive("trainer.sparse_optimizer.eps", self.eps)
+    def check(self, key: str) -> None:
+        """Refuse values out of range and options the type lacks; `key` names it in messages."""
+        _positive(f"{key}.lr", self.lr)
+        _positive(f"{key}.eps", self.eps)
         if self.eps is not None and self.type is SparseOptimizer.sgd:
             raise ConfigError(
-                "trainer.sparse_optimizer.eps is set but sgd has no eps: remove it, or pick "
-                "adagrad, rowwise_adagrad or adam"
+                f"{key}.eps is set but sgd has no eps: remove it, or pick adagrad, "
+                "rowwise_adagrad or adam"
             )
         if self.betas is not None and self.type is not SparseOptimizer.adam:
             raise ConfigError(
-                f"trainer.sparse_optimizer.betas is set but {self.type.value} has no betas: "
-                "remove it, or use trainer.sparse_optimizer.type=adam"
+                f"{key}.betas is set but {self.type.value} has no betas: remove it, or use "
+                f"{key}.type=adam"
             )
         if self.betas is not None and (
             len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas)
         ):
             raise ConfigError(
-                f"trainer.sparse_optimizer.betas={list(self.betas)} is out of range: give two "
-                "numbers in [0, 1), e.g. [0.9, 0.999]"
+                f"{key}.betas={list(self.betas)} is out of range: give two numbers in [0, 1), "
+                "e.g. [0.9, 0.999]"
             )
 
     @property
@@ -449,6 +450,10 @@ class TrainerConfig:
     threads: int | None = None
     dense_optimizer: DenseOptimizerConfig = field(default_factory=DenseOptimizerConfig)
     sparse_optimizer: SparseOptimizerConfig = field(default_factory=SparseOptimizerConfig)
+    # the first-order weights' tables (lr, fm, deepfm): their own optimizer
+    first_order_optimizer: SparseOptimizerConfig = field(
+        default_factory=lambda: SparseOptimizerConfig(SparseOptimizer.adagrad, 0.05)
+    )
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     lr_schedule: LrScheduleConfig = field(default_factory=LrScheduleConfig)
     grad_clip_norm: float | None = None
@@ -463,6 +468,8 @@ class TrainerConfig:
     resume: str = "auto"
 
     def __post_init__(self) -> None:
+        self.sparse_optimizer.check("trainer.sparse_optimizer")
+        self.first_order_optimizer.check("trainer.first_order_optimizer")
         _positive("trainer.max_epochs", self.max_epochs)
         _positive("trainer.max_steps", self.max_steps)
         _positive("trainer.threads", self.threads)

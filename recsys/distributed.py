@@ -30,7 +30,7 @@ from recsys.config import (
     SparseOptimizerConfig,
 )
 from recsys.errors import ConfigError
-from recsys.sparse_adam import PROBE_LR, RowSparseAdam, table_kernels
+from recsys.sparse_adam import PROBE_LR, AdamGroup, RowSparseAdam, table_kernels
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,8 +109,10 @@ def shard(
     device: torch.device,
     sparse: SparseOptimizerConfig,
     sharding: ShardingConfig,
+    first_order: SparseOptimizerConfig | None = None,
 ) -> DistributedModelParallel:
-    """Fuse the sparse optimizer into the tables' backward and let TorchRec's planner shard them."""
+    """Fuse the tables' optimizers into their backward (`first_order` for the first-order
+    weights' tables `w_*`, `sparse` for the rest) and let TorchRec's planner shard them."""
     row_wise = {ShardingType.row_wise, ShardingType.table_row_wise} & set(sharding.types)
     if device.type == "cpu" and row_wise:
         raise ConfigError(
@@ -124,10 +126,12 @@ def shard(
             f"trainer.sharding.compute_kernels has {uvm}, which keep tables in host memory for a "
             "GPU: on CPU use [fused]"
         )
-    kernel, kwargs = SPARSE_OPTIMIZERS[sparse.type], sparse.kwargs
-    if device.type == "cpu" and sparse.type is SparseOptimizer.adam:
-        kernel, kwargs = torch.optim.SGD, {"lr": PROBE_LR}  # RowSparseAdam turns it into Adam
-    apply_optimizer_in_backward(kernel, model.ebc.parameters(), kwargs)
+    for prefix, cfg in (("t_", sparse), ("w_", first_order or sparse)):
+        params = [p for n, p in model.ebc.named_parameters() if f".{prefix}" in f".{n}"]
+        kernel, kwargs = SPARSE_OPTIMIZERS[cfg.type], cfg.kwargs
+        if device.type == "cpu" and cfg.type is SparseOptimizer.adam:
+            kernel, kwargs = torch.optim.SGD, {"lr": PROBE_LR}  # RowSparseAdam makes it Adam
+        apply_optimizer_in_backward(kernel, params, kwargs)
     topology = Topology(world_size=dist.get_world_size(), compute_device=device.type)
     constraints = {
         table.name: ParameterConstraints(
@@ -175,13 +179,18 @@ def log_ranks() -> None:
 
 
 def row_sparse_adam(
-    model: DistributedModelParallel, device: torch.device, sparse: SparseOptimizerConfig
+    model: DistributedModelParallel,
+    device: torch.device,
+    sparse: SparseOptimizerConfig,
+    first_order: SparseOptimizerConfig | None = None,
 ) -> RowSparseAdam | None:
-    """The tables' Adam on CPU, over the sharded model's kernels; None for FBGEMM's own."""
-    if device.type != "cpu" or sparse.type is not SparseOptimizer.adam:
-        return None
-    kw = sparse.kwargs
-    return RowSparseAdam(table_kernels(model), kw["lr"], kw["betas"], kw["eps"])
+    """The tables' Adam on CPU, over the sharded model's kernels; None when no table has it."""
+    groups = []
+    for prefix, cfg in (("t_", sparse), ("w_", first_order or sparse)):
+        if device.type == "cpu" and cfg.type is SparseOptimizer.adam:
+            kw = cfg.kwargs
+            groups.append(AdamGroup(prefix, kw["lr"], kw["betas"], kw["eps"]))
+    return RowSparseAdam(table_kernels(model), groups) if groups else None
 
 
 def dense_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -19,37 +19,57 @@ PROBE_LR = 2.0**16
 
 
 @dataclass
-class _Touched:
-    """Rows of one kernel a forward pass read: flat element indices [U, D] per width D, and
-    their values before backward."""
+class AdamGroup:
+    """The tables (by name prefix) one set of Adam settings applies to."""
 
-    elements: list[torch.Tensor]
-    before: list[torch.Tensor]
+    prefix: str
+    lr: float
+    betas: tuple[float, float]
+    eps: float
 
 
-def table_kernels(model: nn.Module) -> list[nn.Module]:
-    """FBGEMM's table-batched kernels inside a DMP-sharded model (this rank's)."""
+@dataclass
+class _Chunk:
+    """Rows one forward read from the tables of one group and width: flat element indices
+    [U, D] and their values before backward."""
+
+    group: int
+    elements: torch.Tensor
+    before: torch.Tensor
+
+
+def table_kernels(model: nn.Module) -> list[tuple[nn.Module, list[str]]]:
+    """FBGEMM's table-batched kernels inside a DMP-sharded model (this rank's), with the names
+    of their tables in kernel order."""
     kernels = []
     for module in model.modules():
         for lookup in getattr(module, "_lookups", []):  # a plain list, not registered modules
-            kernels += [k.emb_module for k in getattr(lookup, "_emb_modules", [])]
-    return [k for k in kernels if hasattr(k, "weights_host")]
+            for batched in getattr(lookup, "_emb_modules", []):
+                names = [t.name for t in batched._config.embedding_tables]
+                kernels.append((batched.emb_module, names))
+    return [(k, names) for k, names in kernels if hasattr(k, "weights_host")]
 
 
 class RowSparseAdam:
     """Adam over the rows each batch touched, on top of the kernels' fused SGD."""
 
-    def __init__(self, kernels: list[nn.Module], lr: float, betas: tuple[float, float], eps: float):
-        self.kernels = kernels
-        self.param_groups = [{"lr": lr}]  # read and set by the trainer's LR schedule
-        self.betas, self.eps = betas, eps
+    def __init__(self, kernels: list[tuple[nn.Module, list[str]]], groups: list[AdamGroup]):
+        self.kernels = [k for k, _ in kernels]
+        self.groups = groups
+        self.param_groups = [{"lr": g.lr} for g in groups]  # the trainer's LR schedule sets them
+        # each table's group, by kernel (-1: not ours)
+        self.group_of = [
+            torch.tensor([next((i for i, g in enumerate(groups) if n.startswith(g.prefix)), -1)
+                          for n in names])  # fmt: skip
+            for _, names in kernels
+        ]
         self.steps = 0
         self.moments = [
             (torch.zeros_like(k.weights_host.detach()), torch.zeros_like(k.weights_host.detach()))
-            for k in kernels
+            for k in self.kernels
         ]
-        self._touched: dict[int, _Touched] = {}
-        for i, kernel in enumerate(kernels):
+        self._touched: dict[int, list[_Chunk]] = {}
+        for i, kernel in enumerate(self.kernels):
             kernel.register_forward_pre_hook(self._capture_hook(i), with_kwargs=True)
 
     def _capture_hook(self, i: int):
@@ -66,21 +86,22 @@ class RowSparseAdam:
         batch = (offsets.numel() - 1) // tables
         if batch == 0:
             return
-        counts = offsets[::batch].diff()
-        table = torch.repeat_interleave(torch.arange(tables), counts.long())
+        table = torch.repeat_interleave(torch.arange(tables), offsets[::batch].diff().long())
         widths = kernel.D_offsets.diff().long()
         starts = kernel.weights_offsets[table] + indices.long() * widths[table]
-        earlier = self._touched.get(i)
-        if earlier is not None:
-            starts = torch.cat([starts, *(e[:, 0] for e in earlier.elements)])
+        starts = torch.cat([starts, *(c.elements[:, 0] for c in self._touched.get(i, []))])
         starts = torch.unique(starts)
-        width_of = widths[torch.searchsorted(kernel.weights_offsets, starts, right=True) - 1]
+        table = torch.searchsorted(kernel.weights_offsets, starts, right=True) - 1
+        key = self.group_of[i][table] * (int(widths.max()) + 1) + widths[table]
         weights = kernel.weights_host.detach()
-        elements = [
-            starts[width_of == w].unsqueeze(1) + torch.arange(int(w))
-            for w in torch.unique(width_of).tolist()
-        ]
-        self._touched[i] = _Touched(elements, [weights[e] for e in elements])
+        chunks = []
+        for k in torch.unique(key).tolist():
+            group, width = divmod(k, int(widths.max()) + 1)
+            if group < 0:
+                continue
+            elements = starts[key == k].unsqueeze(1) + torch.arange(width)
+            chunks.append(_Chunk(group, elements, weights[elements]))
+        self._touched[i] = chunks
 
     @torch.no_grad()
     def step(self) -> None:
@@ -88,17 +109,17 @@ class RowSparseAdam:
         if not self._touched:
             return
         self.steps += 1
-        (b1, b2), lr = self.betas, self.param_groups[0]["lr"]
-        first, second = 1 - b1**self.steps, 1 - b2**self.steps
-        for i, touched in self._touched.items():
+        for i, chunks in self._touched.items():
             weights, (m, v) = self.kernels[i].weights_host.detach(), self.moments[i]
-            for elements, before in zip(touched.elements, touched.before, strict=True):
-                grad = (before - weights[elements]) / PROBE_LR
-                m_rows = m[elements].mul_(b1).add_(grad, alpha=1 - b1)
-                v_rows = v[elements].mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                m[elements], v[elements] = m_rows, v_rows
-                denom = (v_rows / second).sqrt_().add_(self.eps)
-                weights[elements] = before - lr * (m_rows / first) / denom
+            for chunk in chunks:
+                group, lr = self.groups[chunk.group], self.param_groups[chunk.group]["lr"]
+                (b1, b2), e = group.betas, chunk.elements
+                grad = (chunk.before - weights[e]) / PROBE_LR
+                m_rows = m[e].mul_(b1).add_(grad, alpha=1 - b1)
+                v_rows = v[e].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                m[e], v[e] = m_rows, v_rows
+                denom = (v_rows / (1 - b2**self.steps)).sqrt_().add_(group.eps)
+                weights[e] = chunk.before - lr * (m_rows / (1 - b1**self.steps)) / denom
         self._touched.clear()
 
     def state_dict(self) -> dict:

@@ -31,6 +31,7 @@ from recsys.distributed import row_sparse_adam
 from recsys.errors import RecsysError
 from recsys.metrics import higher_is_better
 from recsys.preemption import Preemption
+from recsys.sparse_adam import PROBE_LR
 from recsys.tasks import TrainingTask, evaluate
 
 log = logging.getLogger(__name__)
@@ -337,7 +338,9 @@ class Trainer:
         self.dense_optimizer = dense_optimizer
         self.fused_optimizer = getattr(model, "fused_optimizer", None)
         # on CPU, Adam of the tables runs after backward over the fused SGD's rows
-        self.row_sparse = row_sparse_adam(model, device, cfg.sparse_optimizer)
+        self.row_sparse = row_sparse_adam(
+            model, device, cfg.sparse_optimizer, cfg.first_order_optimizer
+        )
         self.cfg = cfg
         self.task = task
         self.device = device
@@ -351,16 +354,17 @@ class Trainer:
 
     def _optimizers(self) -> list:
         """The optimizers whose learning rates the schedule scales."""
-        sparse = self.row_sparse or self.fused_optimizer  # the fused SGD under Adam keeps its rate
-        return [o for o in (self.dense_optimizer, sparse) if o is not None]
+        optimizers = (self.dense_optimizer, self.fused_optimizer, self.row_sparse)
+        return [o for o in optimizers if o is not None]
 
     def _set_lr(self, step: int, total: int) -> None:
         """The learning rates of the schedule at a step."""
         factor = lr_factor(self.cfg.lr_schedule, step, total)
         for opt, bases in zip(self._optimizers(), self._base_lrs, strict=True):
             for group, base in zip(opt.param_groups, bases, strict=True):
-                group["lr"] = base * factor
-        if self.fused_optimizer is not None and self.row_sparse is None:
+                if base != PROBE_LR:  # the fused SGD under Adam keeps its rate
+                    group["lr"] = base * factor
+        if self.fused_optimizer is not None:
             self.fused_optimizer.step()  # hands the new lr to FBGEMM; the update ran in backward
         self.lr = self._base_lrs[0][0] * factor
 

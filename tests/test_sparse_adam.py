@@ -65,9 +65,10 @@ def test_options_the_optimizer_lacks_are_refused():
 
     from recsys.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="sgd has no eps"):
-        SparseOptimizerConfig(type=SparseOptimizer.sgd, eps=1e-6)
+    key = "trainer.first_order_optimizer"
+    with pytest.raises(ConfigError, match=f"{key}.eps is set but sgd has no eps"):
+        SparseOptimizerConfig(type=SparseOptimizer.sgd, eps=1e-6).check(key)
     with pytest.raises(ConfigError, match="adagrad has no betas"):
-        SparseOptimizerConfig(type=SparseOptimizer.adagrad, betas=[0.9, 0.99])
+        SparseOptimizerConfig(type=SparseOptimizer.adagrad, betas=[0.9, 0.99]).check(key)
     with pytest.raises(ConfigError, match=r"betas=\[0.9, 1.0\] is out of range"):
-        SparseOptimizerConfig(type=SparseOptimizer.adam, betas=[0.9, 1.0])
+        SparseOptimizerConfig(type=SparseOptimizer.adam, betas=[0.9, 1.0]).check(key)

@@ -37,16 +37,16 @@ def train(small_data: Path, run_dir: Path, *overrides: str) -> tuple[float, dict
     return value, metrics_of(run_dir)
 
 
-def test_fm_and_deepfm_clearly_beat_a_first_order_baseline(small_data, tmp_path):
+def test_every_ranking_model_clearly_beats_a_first_order_baseline(small_data, tmp_path):
     auc = {}
-    for model in ("lr", "fm", "deepfm"):
+    for model in ("lr", "fm", "deepfm", "mlp", "dcn_v2", "dlrm"):
         value, m = train(small_data, tmp_path / model, f"model={model}", "trainer.max_epochs=2")
         assert value == m["validation"]["auc"] == m["objective"]["value"]
         auc[model] = m["test"]["auc"]
     info = json.loads((small_data / "demo_info.json").read_text())
     print(auc, "oracle", info["test"]["oracle_auc"])
-    assert auc["fm"] > auc["lr"] + 0.05
-    assert auc["deepfm"] > auc["lr"] + 0.05
+    for model in ("fm", "deepfm", "mlp", "dcn_v2", "dlrm"):  # pairwise effects learned
+        assert auc[model] > auc["lr"] + 0.05, model
     assert max(auc.values()) < info["test"]["oracle_auc"]
 
 
@@ -204,8 +204,8 @@ def test_cfg_job_prints_the_composed_config():
         (["data.label=dwell"], "error: label column 'dwell' in"),
         (["data.oov=error", categorical_override(c15=10)], "error: categorical column 'c15' in"),
         (
-            ["trainer.sparse_optimizer.type=adam"],
-            "error: trainer.sparse_optimizer.type=adam is not supported by FBGEMM's CPU kernels",
+            ["trainer.sparse_optimizer.type=sgd", "trainer.sparse_optimizer.eps=1e-6"],
+            "error: trainer.sparse_optimizer.eps is set but sgd has no eps",
         ),
         (
             ["trainer.sharding.types=[row_wise]"],
