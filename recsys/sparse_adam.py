@@ -59,8 +59,12 @@ class RowSparseAdam:
         self.param_groups = [{"lr": g.lr} for g in groups]  # the trainer's LR schedule sets them
         # each table's group, by kernel (-1: not ours)
         self.group_of = [
-            torch.tensor([next((i for i, g in enumerate(groups) if n.startswith(g.prefix)), -1)
-                          for n in names])  # fmt: skip
+            torch.tensor(
+                [
+                    next((i for i, g in enumerate(groups) if n.startswith(g.prefix)), -1)
+                    for n in names
+                ]
+            )  # fmt: skip
             for _, names in kernels
         ]
         self.steps = 0

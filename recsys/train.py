@@ -200,9 +200,7 @@ def build(
     description = checkpoint.describe(
         model, OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
     )
-    model = shard(
-        model, device, tcfg.sparse_optimizer, tcfg.sharding, tcfg.first_order_optimizer
-    )
+    model = shard(model, device, tcfg.sparse_optimizer, tcfg.sharding, tcfg.first_order_optimizer)
     dense_opt = instantiate(cfg.trainer.dense_optimizer, params=dense_parameters(model))
     ckpt = Checkpointing(run_dir / "checkpoints", description, Preemption(), run_dir)
     # the trainer takes the configured learning rates before a checkpoint's replace them
