@@ -134,7 +134,8 @@ def test_pruner_stops_a_trial_that_learns_nothing(small_data, tmp_path, launcher
     )
     assert out.returncode == 0, out.stderr
     by_lr = {
-        t.params["trainer.sparse_optimizer.lr"]: t for t in study_of(tmp_path, "prune_fm").trials
+        t.params["trainer.first_order_optimizer.lr"]: t
+        for t in study_of(tmp_path, "prune_fm").trials
     }
     assert by_lr[1e-6].state is TrialState.PRUNED
     assert max(by_lr[1e-6].intermediate_values) == 10  # stopped at the first check after warm-up
