@@ -98,6 +98,14 @@ def _sharded_state(model: nn.Module) -> dict:
     return {"model": model.state_dict(), "sparse_optimizer": model.fused_optimizer.state_dict()}
 
 
+def _stored(state: dict) -> dict:
+    """What DCP writes and reads of a sharded state: the same tensors, without the empty states
+    of stateless tables (SGD, and the SGD under the row-sparse Adam), which it cannot store."""
+    optimizer = state["sparse_optimizer"]
+    kept = {k: v for k, v in optimizer["state"].items() if v}
+    return {**state, "sparse_optimizer": {**optimizer, "state": kept}}
+
+
 def save(
     root: Path,
     step: int,
@@ -115,7 +123,7 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dcp.save(_sharded_state(model), checkpoint_id=tmp)
+    dcp.save(_stored(_sharded_state(model)), checkpoint_id=tmp)
     torch.save(rank_state, tmp / rank_file(rank))
     dist.barrier()
     if rank == 0:
@@ -215,7 +223,7 @@ def restore(
         check_compatible(manifest, expected, path)
         try:
             state = _sharded_state(model)
-            dcp.load(state, checkpoint_id=path)
+            dcp.load(_stored(state), checkpoint_id=path)  # in place, into state's tensors
             model.load_state_dict(state["model"])
             model.fused_optimizer.load_state_dict(state["sparse_optimizer"])
             trainer_state = torch.load(path / TRAINER_FILE, weights_only=False)
