@@ -117,6 +117,23 @@ class EmbeddingModel(nn.Module):
         return vectors, bias
 
 
+def unfold_first_order(model: EmbeddingModel, state: dict) -> dict:
+    """A state dict written before first-order weights had tables of their own (the weight in
+    column `embedding_dim` of the vector's row) in this model's layout; others as they are."""
+    prefix = "ebc.embedding_bags."
+    if not model.first_order or any(k.startswith(f"{prefix}w_") for k in state):
+        return state
+    state = dict(state)
+    for name, _ in model.features.categorical:
+        folded = state.pop(f"{prefix}t_{name}.weight")
+        weight = folded.new_zeros(folded.shape[0], table_width(1))
+        weight[:, 0] = folded[:, model.vector_dim]
+        state[f"{prefix}w_{name}.weight"] = weight
+        if model.vector_dim:
+            state[f"{prefix}t_{name}.weight"] = folded[:, : table_width(model.vector_dim)].clone()
+    return state
+
+
 class LR(EmbeddingModel):
     """First-order baseline: a weight per id and per dense feature (logistic/linear regression)."""
 

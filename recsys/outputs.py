@@ -17,6 +17,7 @@ from torch import nn
 
 from recsys.errors import RecsysError
 from recsys.features import FeatureSpec
+from recsys.models import unfold_first_order
 
 MODEL_FILE = "model.pt"
 MODEL_FORMAT = "recsys.model/1"
@@ -141,7 +142,7 @@ def load_model(run_dir: str | Path) -> tuple[nn.Module, FeatureSpec]:
     spec = FeatureSpec.from_dict(payload["features"])
     model_cfg = OmegaConf.create(payload["model"])
     model = instantiate(model_cfg, _partial_=True, _convert_="all")(features=spec, device="cpu")
-    model.load_state_dict(payload["state_dict"])
+    model.load_state_dict(unfold_first_order(model, payload["state_dict"]))
     return model.eval(), spec
 
 

@@ -8,7 +8,17 @@ from torchrec import KeyedJaggedTensor
 
 from recsys.config import Pooling, Task
 from recsys.features import FeatureSpec
-from recsys.models import DLRM, FM, LR, MLP, DCNv2, DeepFM, fm_pairwise, table_width
+from recsys.models import (
+    DLRM,
+    FM,
+    LR,
+    MLP,
+    DCNv2,
+    DeepFM,
+    fm_pairwise,
+    table_width,
+    unfold_first_order,
+)
 
 SPEC = FeatureSpec("y", Task.binary, ("x0", "x1"), (("a", 10), ("b", 7), ("tags", 5)))
 
@@ -182,3 +192,22 @@ def test_dlrm_matches_a_loop_reference():
         rows.append(torch.cat([d, torch.stack(pairs)]))
     expected = model.top(torch.stack(rows)).squeeze(-1)
     torch.testing.assert_close(model(dense, kjt), expected)
+
+
+@pytest.mark.parametrize("dim", [0, 4, 6])
+def test_a_state_dict_of_folded_first_order_weights_loads_into_their_own_tables(dim):
+    torch.manual_seed(0)
+    build = LR if dim == 0 else FM
+    model = build(SPEC, dim, Pooling.sum, 0.3, device="cpu")
+    dense, kjt = tiny_batch()
+    expected = model(dense, kjt)
+    old = {k: v for k, v in model.state_dict().items() if ".t_" not in k and ".w_" not in k}
+    for name, rows in SPEC.categorical:  # the earlier layout: [vector | weight | padding]
+        row = torch.zeros(rows, table_width(dim + 1))
+        if dim:
+            row[:, :dim] = table(model, name)[:, :dim]
+        row[:, dim] = table(model, name, "w")[:, 0]
+        old[f"ebc.embedding_bags.t_{name}.weight"] = row
+    fresh = build(SPEC, dim, Pooling.sum, 0.3, device="cpu")
+    fresh.load_state_dict(unfold_first_order(fresh, old))
+    torch.testing.assert_close(fresh(dense, kjt), expected)
