@@ -104,6 +104,14 @@ def agree(value: T) -> T:
     return holder[0]
 
 
+def _table_optimizers(
+    sparse: SparseOptimizerConfig, first_order: SparseOptimizerConfig | None
+) -> list[tuple[str, SparseOptimizerConfig]]:
+    """Each kind of table (by name prefix: vectors `t_`, first-order weights `w_`) and its
+    optimizer."""
+    return [("t_", sparse), ("w_", first_order or sparse)]
+
+
 def shard(
     model: nn.Module,
     device: torch.device,
@@ -126,7 +134,7 @@ def shard(
             f"trainer.sharding.compute_kernels has {uvm}, which keep tables in host memory for a "
             "GPU: on CPU use [fused]"
         )
-    for prefix, cfg in (("t_", sparse), ("w_", first_order or sparse)):
+    for prefix, cfg in _table_optimizers(sparse, first_order):
         params = [p for n, p in model.ebc.named_parameters() if f".{prefix}" in f".{n}"]
         kernel, kwargs = SPARSE_OPTIMIZERS[cfg.type], cfg.kwargs
         if device.type == "cpu" and cfg.type is SparseOptimizer.adam:
@@ -186,7 +194,7 @@ def row_sparse_adam(
 ) -> RowSparseAdam | None:
     """The tables' Adam on CPU, over the sharded model's kernels; None when no table has it."""
     groups = []
-    for prefix, cfg in (("t_", sparse), ("w_", first_order or sparse)):
+    for prefix, cfg in _table_optimizers(sparse, first_order):
         if device.type == "cpu" and cfg.type is SparseOptimizer.adam:
             kw = cfg.kwargs
             groups.append(AdamGroup(prefix, kw["lr"], kw["betas"], kw["eps"]))
