@@ -104,56 +104,18 @@ def run_floor(path: Path, model: str, epochs: int) -> dict:
     import resource
 
     import numpy as np
-    import pyarrow.dataset as ds
     import torch
+    from floor import Floor, load_split
     from torch import nn
 
     from recsys.metrics import binary_auc
 
     torch.manual_seed(0)
 
-    def load(split: str):
-        t = ds.dataset(path / split, format="parquet").to_table()
-        x = np.stack([t[f"d{i}"].to_numpy(zero_copy_only=False) for i in range(N_DENSE)], 1)
-        ids = np.stack([t[f"c{i}"].to_numpy() for i in range(N_CAT)], 1)
-        y = t["click"].to_numpy().astype(np.float32)
-        return torch.from_numpy(np.nan_to_num(x).astype(np.float32)), torch.from_numpy(ids), y
-
-    dense, ids, y = load("train")
-    labels = torch.from_numpy(y)
+    dense, ids, labels = load_split(path / "train", N_DENSE, N_CAT)
     cards = json.loads((path / "demo_info.json").read_text())["spec"]["cardinalities"]
-
-    class Floor(nn.Module):
-        def __init__(self, deep: bool):
-            super().__init__()
-            self.emb = nn.ModuleList(
-                nn.EmbeddingBag(n, DIM, mode="sum", sparse=True) for n in cards
-            )
-            self.bias = nn.ModuleList(nn.EmbeddingBag(n, 1, mode="sum", sparse=True) for n in cards)
-            for e in [*self.emb, *self.bias]:
-                nn.init.normal_(e.weight, std=0.01)
-            self.linear = nn.Linear(N_DENSE, 1)
-            self.dense_vectors = nn.Parameter(torch.randn(N_DENSE, DIM) * 0.01)
-            layers, width = [], (N_CAT + N_DENSE) * DIM
-            for h in HIDDEN if deep else []:
-                layers += [nn.Linear(width, h), nn.ReLU()]
-                width = h
-            self.dnn = nn.Sequential(*layers, nn.Linear(width, 1)) if deep else None
-
-        def forward(self, x, idx):
-            offsets = torch.arange(idx.shape[0])
-            vecs = [e(idx[:, f], offsets) for f, e in enumerate(self.emb)]
-            first = sum(b(idx[:, f], offsets) for f, b in enumerate(self.bias)).squeeze(-1)
-            fields = torch.cat([torch.stack(vecs, 1), x.unsqueeze(-1) * self.dense_vectors], 1)
-            out = first + self.linear(x).squeeze(-1)
-            out = out + 0.5 * (fields.sum(1).pow(2) - fields.pow(2).sum(1)).sum(1)
-            if self.dnn is not None:
-                out = out + self.dnn(fields.flatten(1)).squeeze(-1)
-            return out
-
-    net = Floor(deep=model == "deepfm")
-    tables = [p for n, p in net.named_parameters() if n.startswith(("emb", "bias"))]
-    rest = [p for n, p in net.named_parameters() if not n.startswith(("emb", "bias"))]
+    net = Floor(cards, N_DENSE, DIM, HIDDEN if model == "deepfm" else [], dropout=0.0)
+    tables, rest = net.split_parameters()
     optimizers = [torch.optim.SparseAdam(tables, lr=1e-3), torch.optim.Adam(rest, lr=1e-3)]
     loss_fn = nn.BCEWithLogitsLoss()
     start = time.perf_counter()
@@ -166,7 +128,8 @@ def run_floor(path: Path, model: str, epochs: int) -> dict:
             for opt in optimizers:
                 opt.step()
     seconds = time.perf_counter() - start
-    dense, ids, y = load("test")
+    dense, ids, y = load_split(path / "test", N_DENSE, N_CAT)
+    y = y.numpy()
     with torch.no_grad():
         p = torch.cat([torch.sigmoid(net(dense[s : s + 16384], ids[s : s + 16384]))
                        for s in range(0, len(y), 16384)]).double().numpy()  # fmt: skip

@@ -91,54 +91,15 @@ def run_recsys(path: Path, model: str = "deepfm") -> dict:
 
 def run_baseline(path: Path) -> dict:
     """Plain PyTorch DeepFM, every tensor in memory before the clock starts."""
-    import numpy as np
-    import pyarrow.dataset as ds
     import torch
+    from floor import Floor, load_split
     from torch import nn
 
     torch.manual_seed(0)
-    table = ds.dataset(path / "train", format="parquet").to_table()
-    dense = torch.from_numpy(
-        np.nan_to_num(
-            np.stack(
-                [table[f"d{i}"].to_numpy(zero_copy_only=False) for i in range(N_DENSE)], 1
-            ).astype(np.float32)
-        )
-    )
-    ids = torch.from_numpy(np.stack([table[f"c{i}"].to_numpy() for i in range(N_CAT)], 1))
-    labels = torch.from_numpy(table["click"].to_numpy().astype(np.float32))
-    del table
+    dense, ids, labels = load_split(path / "train", N_DENSE, N_CAT)
     cards = list(bench_spec(0).categorical.values())
-
-    class DeepFM(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.ModuleList(
-                nn.EmbeddingBag(n, DIM, mode="sum", sparse=True) for n in cards
-            )
-            self.bias = nn.ModuleList(nn.EmbeddingBag(n, 1, mode="sum", sparse=True) for n in cards)
-            for e in [*self.emb, *self.bias]:
-                nn.init.normal_(e.weight, std=0.01)
-            self.linear = nn.Linear(N_DENSE, 1)
-            self.dense_vectors = nn.Parameter(torch.randn(N_DENSE, DIM) * 0.01)
-            layers, width = [], (N_CAT + N_DENSE) * DIM
-            for h in HIDDEN:
-                layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(0.1)]
-                width = h
-            self.dnn = nn.Sequential(*layers, nn.Linear(width, 1))
-
-        def forward(self, x, idx):
-            offsets = torch.arange(idx.shape[0])
-            vecs = [e(idx[:, f], offsets) for f, e in enumerate(self.emb)]
-            first = sum(b(idx[:, f], offsets) for f, b in enumerate(self.bias)).squeeze(-1)
-            fields = torch.cat([torch.stack(vecs, 1), x.unsqueeze(-1) * self.dense_vectors], 1)
-            pair = 0.5 * (fields.sum(1).pow(2) - fields.pow(2).sum(1)).sum(1)
-            deep = self.dnn(fields.flatten(1)).squeeze(-1)
-            return first + self.linear(x).squeeze(-1) + pair + deep
-
-    model = DeepFM()
-    sparse = [p for n, p in model.named_parameters() if n.startswith(("emb", "bias"))]
-    dense_p = [p for n, p in model.named_parameters() if not n.startswith(("emb", "bias"))]
+    model = Floor(cards, N_DENSE, DIM, HIDDEN, dropout=0.1)
+    sparse, dense_p = model.split_parameters()
     opt_sparse = torch.optim.Adagrad(sparse, lr=0.05)
     opt_dense = torch.optim.Adam(dense_p, lr=1e-3)
     loss_fn = nn.BCEWithLogitsLoss()
