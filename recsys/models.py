@@ -42,25 +42,6 @@ def mlp(
     return nn.Sequential(*layers)
 
 
-Columns = slice | torch.Tensor  # columns of the pooled output: a slice (a view) or an index
-
-
-def _columns(columns: list[int]) -> Columns:
-    """A slice where the columns are evenly spaced (a view, no copy in the step), else an index."""
-    if len(columns) < 2:
-        return slice(columns[0], columns[0] + 1) if columns else slice(0, 0)
-    step = columns[1] - columns[0]
-    if step > 0 and all(b - a == step for a, b in itertools.pairwise(columns)):
-        return slice(columns[0], columns[-1] + 1, step)
-    return torch.tensor(columns, dtype=torch.long)
-
-
-def _take(values: torch.Tensor, columns: Columns) -> torch.Tensor:
-    if isinstance(columns, slice):
-        return values[:, columns]
-    return values[:, columns.to(values.device)]
-
-
 class EmbeddingModel(nn.Module):
     """Owns the embedding tables: per categorical feature a vector table `t_<column>` and, for
     models with first-order weights, a table `w_<column>` of its own.
@@ -104,9 +85,9 @@ class EmbeddingModel(nn.Module):
         )
         self.num_dense = len(features.dense)
         self.num_sparse = len(features.categorical)
-        self._columns: dict[tuple[str, ...], tuple[Columns, Columns]] = {}
+        self._columns: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _layout(self, keys: list[str], lengths: list[int]) -> tuple[Columns, Columns]:
+    def _layout(self, keys: list[str], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Columns of the pooled output holding the vectors [F * k] and first-order weights [F].
 
         Keys are `column` or, when a column feeds two tables, `column@table`; tables sharded
@@ -120,7 +101,7 @@ class EmbeddingModel(nn.Module):
 
         vectors = [start("t", n) + c for n in names for c in range(self.vector_dim)]
         bias = [start("w", n) for n in names] if self.first_order else []
-        return _columns(vectors), _columns(bias)
+        return torch.tensor(vectors, dtype=torch.long), torch.tensor(bias, dtype=torch.long)
 
     def embed(self, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Pooled vectors [B, F, k] and first-order weights [B, F] (if any) of the features."""
@@ -130,8 +111,9 @@ class EmbeddingModel(nn.Module):
             self._columns[keys] = self._layout(list(keys), pooled.length_per_key())
         vector_cols, bias_cols = self._columns[keys]
         values = pooled.values()
-        vectors = _take(values, vector_cols).reshape(len(values), self.num_sparse, self.vector_dim)
-        bias = _take(values, bias_cols) if self.first_order else None
+        vectors = values[:, vector_cols.to(values.device)]
+        vectors = vectors.view(values.shape[0], self.num_sparse, self.vector_dim)
+        bias = values[:, bias_cols.to(values.device)] if self.first_order else None
         return vectors, bias
 
 
