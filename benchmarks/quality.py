@@ -105,8 +105,7 @@ def run_floor(path: Path, model: str, epochs: int) -> dict:
 
     import numpy as np
     import torch
-    from floor import Floor, load_split
-    from torch import nn
+    from floor import Floor, load_split, train
 
     from recsys.metrics import binary_auc
 
@@ -115,19 +114,7 @@ def run_floor(path: Path, model: str, epochs: int) -> dict:
     dense, ids, labels = load_split(path / "train", N_DENSE, N_CAT)
     cards = json.loads((path / "demo_info.json").read_text())["spec"]["cardinalities"]
     net = Floor(cards, N_DENSE, DIM, HIDDEN if model == "deepfm" else [], dropout=0.0)
-    tables, rest = net.split_parameters()
-    optimizers = [torch.optim.SparseAdam(tables, lr=1e-3), torch.optim.Adam(rest, lr=1e-3)]
-    loss_fn = nn.BCEWithLogitsLoss()
-    start = time.perf_counter()
-    for _ in range(epochs):
-        for s in range(0, len(labels), BATCH):
-            loss = loss_fn(net(dense[s : s + BATCH], ids[s : s + BATCH]), labels[s : s + BATCH])
-            for opt in optimizers:
-                opt.zero_grad()
-            loss.backward()
-            for opt in optimizers:
-                opt.step()
-    seconds = time.perf_counter() - start
+    seconds = train(net, dense, ids, labels, epochs, BATCH)
     dense, ids, y = load_split(path / "test", N_DENSE, N_CAT)
     y = y.numpy()
     with torch.no_grad():

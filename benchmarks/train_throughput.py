@@ -1,13 +1,14 @@
-"""Benchmark: DeepFM trained by recsys from Parquet on disk vs a plain PyTorch baseline in memory.
+"""Benchmark: FM and DeepFM trained by recsys from Parquet on disk vs the hand-written floor.
 
-Both train one epoch of the same generated set (>= 1M rows, 26 categorical, 13 dense, batch 4096,
-embedding dim 16, the same DeepFM architecture). recsys reads and converts the Parquet files while
-it trains; the baseline has every tensor loaded before its clock starts, one nn.EmbeddingBag per
-feature, sparse gradients and torch's Adagrad for the tables, Adam for the rest. Each variant runs
-in its own process (so peak RSS is its own), alternating, `--repeats` times; medians are reported
-with the CPU seconds other processes took on this machine meanwhile (a sign of contention).
+Every variant trains one epoch of the same generated set (>= 1M rows, 26 categorical, 13 dense,
+batch 4096, embedding dim 16, DeepFM's MLP 256-128). recsys reads and converts the Parquet files
+while it trains, with its default table optimizer (row-sparse Adam on CPU) and with each of
+FBGEMM's fused CPU kernels instead; the floor (benchmarks/floor.py: an nn.EmbeddingBag per column,
+SparseAdam + Adam) has every tensor loaded before its clock starts. Each variant runs in its own
+process (so peak RSS is its own), in turn, `--repeats` times; medians are reported with the ratio
+to the floor of the same model and the CPU seconds other processes took meanwhile (contention).
 
-    python benchmarks/train_throughput.py [--rows 1000000] [--repeats 3]
+    python benchmarks/train_throughput.py [--rows 1000000] [--repeats 3] [--variants ...]
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_recsys(path: Path, model: str = "deepfm") -> dict:
+# variant -> (trainer, model, extra recsys overrides)
+TABLES = "trainer.sparse_optimizer"
+VARIANTS = {
+    "floor deepfm": ("floor", "deepfm", []),
+    "recsys deepfm": ("recsys", "deepfm", []),
+    "recsys deepfm, tables rowwise_adagrad": (
+        "recsys", "deepfm", [f"{TABLES}.type=rowwise_adagrad", f"{TABLES}.lr=0.05"]),
+    "recsys deepfm, tables adagrad": (
+        "recsys", "deepfm", [f"{TABLES}.type=adagrad", f"{TABLES}.lr=0.02"]),
+    "recsys deepfm, tables sgd": ("recsys", "deepfm", [f"{TABLES}.type=sgd", f"{TABLES}.lr=0.05"]),
+    "floor fm": ("floor", "fm", []),
+    "recsys fm": ("recsys", "fm", []),
+}  # fmt: skip
+
+
+def run_recsys(path: Path, model: str = "deepfm", extra: tuple[str, ...] = ()) -> dict:
     """Train with recsys's own entry path (config -> reader -> DMP -> trainer)."""
     from hydra import compose, initialize_config_dir
 
@@ -80,6 +95,7 @@ def run_recsys(path: Path, model: str = "deepfm") -> dict:
         "trainer.eval_every_steps=null",
         "trainer.progress_bar=false",
         "trainer.log_every_steps=1000000",
+        *extra,
     ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
@@ -89,35 +105,22 @@ def run_recsys(path: Path, model: str = "deepfm") -> dict:
     return {"samples_per_s": m["samples_per_s"], "seconds": m["train_seconds"]}
 
 
-def run_baseline(path: Path) -> dict:
-    """Plain PyTorch DeepFM, every tensor in memory before the clock starts."""
+def run_floor(path: Path, model: str) -> dict:
+    """The floor (FM or DeepFM), every tensor in memory before the clock starts."""
     import torch
-    from floor import Floor, load_split
-    from torch import nn
+    from floor import Floor, load_split, train
 
     torch.manual_seed(0)
     dense, ids, labels = load_split(path / "train", N_DENSE, N_CAT)
     cards = list(bench_spec(0).categorical.values())
-    model = Floor(cards, N_DENSE, DIM, HIDDEN, dropout=0.1)
-    sparse, dense_p = model.split_parameters()
-    opt_sparse = torch.optim.Adagrad(sparse, lr=0.05)
-    opt_dense = torch.optim.Adam(dense_p, lr=1e-3)
-    loss_fn = nn.BCEWithLogitsLoss()
-    start = time.perf_counter()
-    for s in range(0, len(labels), BATCH):
-        logits = model(dense[s : s + BATCH], ids[s : s + BATCH])
-        loss = loss_fn(logits, labels[s : s + BATCH])
-        opt_sparse.zero_grad()
-        opt_dense.zero_grad()
-        loss.backward()
-        opt_sparse.step()
-        opt_dense.step()
-    seconds = time.perf_counter() - start
+    net = Floor(cards, N_DENSE, DIM, HIDDEN if model == "deepfm" else [], dropout=0.0)
+    seconds = train(net, dense, ids, labels, 1, BATCH)
     return {"samples_per_s": len(labels) / seconds, "seconds": seconds}
 
 
-def child(variant: str, path: Path, model: str) -> None:
-    result = run_recsys(path, model) if variant == "recsys" else run_baseline(path)
+def child(variant: str, path: Path) -> None:
+    trainer, model, extra = VARIANTS[variant]
+    result = run_recsys(path, model, extra) if trainer == "recsys" else run_floor(path, model)
     result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -151,40 +154,43 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--child", choices=["recsys", "baseline"], help=argparse.SUPPRESS)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--model", default="deepfm", help="recsys's model in a --child run")
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.data, args.model)
+        child(args.child, args.data)
         return
     path = ensure_data(args.rows)
-    runs: dict[str, list[dict]] = {"recsys": [], "baseline": []}
+    runs: dict[str, list[dict]] = {v: [] for v in args.variants}
     for i in range(args.repeats):
         for variant in runs:
             r = measure(variant, path)
             runs[variant].append(r)
             print(
-                f"run {i + 1}/{args.repeats} {variant:<8} {r['samples_per_s']:>10,.0f} samples/s"
+                f"run {i + 1}/{args.repeats} {variant:<40} {r['samples_per_s']:>9,.0f} samples/s"
                 f"  peak RSS {r['peak_rss_mb']:,.0f} MB"
                 f"  other processes {r['other_cpu_s']:.1f} CPU s",
                 flush=True,
             )
+    _print_table(runs, args.rows)
+
+
+def _print_table(runs: dict[str, list[dict]], rows: int) -> None:
     med = {v: statistics.median(r["samples_per_s"] for r in rs) for v, rs in runs.items()}
-    rss = {v: max(r["peak_rss_mb"] for r in rs) for v, rs in runs.items()}
-    print()
     print(
-        f"DeepFM, {args.rows:,} rows, {N_CAT} categorical + {N_DENSE} dense, batch {BATCH}, "
-        f"dim {DIM}, hidden {HIDDEN}, torch threads {os.cpu_count()} cores"
+        f"\n{rows:,} rows, {N_CAT} categorical + {N_DENSE} dense, batch {BATCH}, dim {DIM}, "
+        f"DeepFM MLP {HIDDEN}, {os.cpu_count()} cores; medians of {len(next(iter(runs.values())))}"
     )
-    names = {
-        "recsys": "recsys (Parquet on disk, DMP, fused)",
-        "baseline": "plain PyTorch (in memory, EmbeddingBag)",
-    }
-    print(f"{'variant':<40} {'samples/s (median)':>20} {'peak RSS MB':>12}")
-    for v, name in names.items():
-        print(f"{name:<40} {med[v]:>20,.0f} {rss[v]:>12,.0f}")
-    print(f"ratio recsys / baseline: {med['recsys'] / med['baseline']:.2f}x")
+    print("| variant | samples/s | × floor | peak RSS MB | other CPU s (max) |")
+    print("|---|---:|---:|---:|---:|")
+    for v, rs in runs.items():
+        floor = med.get(f"floor {VARIANTS[v][1]}")
+        ratio = f"{med[v] / floor:.2f}" if floor else "-"
+        print(
+            f"| {v} | {med[v]:,.0f} | {ratio} | {max(r['peak_rss_mb'] for r in rs):,.0f} | "
+            f"{max(r['other_cpu_s'] for r in rs):.0f} |"
+        )
 
 
 if __name__ == "__main__":
