@@ -11,8 +11,8 @@ import torch
 from omegaconf import DictConfig
 
 from recsys import config as schema
-from recsys.batches import DataQuality
-from recsys.data import open_split
+from recsys.data.batches import DataQuality
+from recsys.data.reader import open_split
 from recsys.outputs import summary_table, write_json
 from recsys.runs import open_run, run_or_exit
 from recsys.tasks import evaluate, task_for

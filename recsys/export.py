@@ -30,13 +30,14 @@ from omegaconf import DictConfig
 from torch import nn
 
 from recsys import config as schema
-from recsys import exported, vocabulary
+from recsys import exported
 from recsys.config import DataConfig, ExportConfig, RunInputConfig
+from recsys.data import vocabulary
+from recsys.data.features import FeatureSpec
+from recsys.data.sources import split_pieces
 from recsys.errors import ConfigError
-from recsys.features import FeatureSpec
 from recsys.outputs import summary_table, write_dir_atomic
 from recsys.runs import open_run, run_or_exit
-from recsys.sources import split_pieces
 from recsys.two_tower import TwoTower
 
 log = logging.getLogger("recsys")

@@ -12,7 +12,7 @@ from torchrec.models.dlrm import InteractionArch
 from torchrec.modules.crossnet import CrossNet, LowRankCrossNet
 
 from recsys.config import CrossStructure, Pooling
-from recsys.features import FeatureSpec
+from recsys.data.features import FeatureSpec
 
 
 def table_width(dim: int) -> int:

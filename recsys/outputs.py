@@ -15,8 +15,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from recsys.data.features import FeatureSpec
 from recsys.errors import RecsysError
-from recsys.features import FeatureSpec
 from recsys.models import unfold_first_order
 
 MODEL_FILE = "model.pt"

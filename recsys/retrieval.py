@@ -12,12 +12,12 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
 
-from recsys.batches import DataQuality
-from recsys.column_subset import only_columns, pad_inputs
 from recsys.config import DataConfig
-from recsys.data import open_split
+from recsys.data.batches import DataQuality
+from recsys.data.column_subset import only_columns, pad_inputs
+from recsys.data.features import FeatureSpec
+from recsys.data.reader import open_split
 from recsys.errors import DataError
-from recsys.features import FeatureSpec
 from recsys.retrieval_metrics import RankMetrics, corpus_ranks, popularity_ranks
 from recsys.two_tower import TwoTower, in_batch_softmax_loss
 

@@ -12,12 +12,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from recsys import config as schema
-from recsys import vocabulary
 from recsys.config import DataConfig, RunInputConfig
-from recsys.demo_data import ensure_demo
+from recsys.data import vocabulary
+from recsys.data.features import FeatureSpec
+from recsys.demo.ctr import ensure_demo
 from recsys.distributed import quiet_torchrec
 from recsys.errors import DataError, exit_on_user_error
-from recsys.features import FeatureSpec
 from recsys.outputs import load_model, unmask_secrets
 
 log = logging.getLogger("recsys")

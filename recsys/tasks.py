@@ -10,8 +10,8 @@ from torch import nn
 from torch.nn import functional as F
 from torchrec.datasets.utils import Batch
 
-from recsys.batches import Padding
 from recsys.config import DataConfig, Task
+from recsys.data.batches import Padding
 from recsys.metrics import TASK_METRICS, Accumulator
 from recsys.retrieval import Retrieval
 from recsys.two_tower import TwoTower

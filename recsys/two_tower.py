@@ -8,8 +8,8 @@ from torch.nn import functional as F
 from torchrec import KeyedJaggedTensor
 
 from recsys.config import Pooling
+from recsys.data.features import FeatureSpec
 from recsys.errors import ConfigError
-from recsys.features import FeatureSpec
 from recsys.models import EmbeddingModel, mlp
 
 

@@ -7,9 +7,9 @@ from hydra.utils import instantiate
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from recsys import config as schema
-from recsys.demo_data import DemoSpec
+from recsys.data.features import FeatureSpec
+from recsys.demo.ctr import DemoSpec
 from recsys.errors import ConfigError
-from recsys.features import FeatureSpec
 from tests.conftest import CONF, compose_cfg
 
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))

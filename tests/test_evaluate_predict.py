@@ -14,10 +14,10 @@ import torch
 
 from recsys import config as schema
 from recsys import evaluate, predict
-from recsys.batches import DataQuality
-from recsys.data import open_split
+from recsys.data.batches import DataQuality
+from recsys.data.reader import open_split
+from recsys.demo.interactions import InteractionSpec, generate
 from recsys.errors import RecsysError
-from recsys.interactions_demo import InteractionSpec, generate
 from recsys.outputs import load_model
 from recsys.runs import open_run
 from recsys.train import run as train

@@ -7,7 +7,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from recsys.config import Pooling, Task
-from recsys.features import FeatureSpec
+from recsys.data.features import FeatureSpec
 from recsys.models import (
     DLRM,
     FM,

@@ -12,9 +12,9 @@ from torchrec.datasets.utils import Batch
 
 from recsys import config as schema
 from recsys.config import Pooling, Task
+from recsys.data.features import FeatureSpec
+from recsys.demo.interactions import InteractionSpec
 from recsys.errors import ConfigError
-from recsys.features import FeatureSpec
-from recsys.interactions_demo import InteractionSpec
 from recsys.retrieval import Corpus, Retrieval, cat_rows, take_rows
 from recsys.retrieval_metrics import RankMetrics, corpus_ranks, popularity_ranks
 from recsys.two_tower import TwoTower, in_batch_softmax_loss

@@ -14,9 +14,9 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.config import OovPolicy, Task
+from recsys.data.features import FeatureSpec
 from recsys.errors import DataError
 from recsys.exported import InputError, dense_values, hash_strings, is_list, is_string
-from recsys.features import FeatureSpec
 
 
 def _role(spec: FeatureSpec, column: str) -> str:
