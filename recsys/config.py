@@ -291,19 +291,31 @@ class TwoTowerConfig(DNNConfig):
     user_id: str | None = None  # the key of user embeddings (recsys.predict)
     item_id: str = MISSING  # ids the item: the corpus is every item id in the data
     output_dim: int = 64
-    temperature: float = 0.05
-    logq_correction: bool = True
-    remove_accidental_hits: bool = True
-    top_k: list[int] = field(default_factory=lambda: [10, 50, 100])  # recall@k, NDCG@k
+    temperature: float = 0.05  # a row's logit is the cosine of its user and item over this
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive("model.output_dim", self.output_dim)
         _positive("model.temperature", self.temperature)
+
+
+# Keys that model configs of two-tower runs held before they moved to `retrieval`.
+RETRIEVAL_KEYS = ("logq_correction", "remove_accidental_hits", "top_k")
+
+
+@dataclass
+class RetrievalConfig:
+    """The retrieval task's settings: the loss and metrics of two-tower models."""
+
+    logq_correction: bool = True  # subtract log(item frequency in train) from in-batch logits
+    remove_accidental_hits: bool = True  # a row's own item elsewhere in the batch: no negative
+    top_k: list[int] = field(default_factory=lambda: [10, 50, 100])  # recall@k, NDCG@k
+
+    def __post_init__(self) -> None:
         if not self.top_k:
-            raise ConfigError("model.top_k is empty: give the cutoffs k of recall@k, e.g. [10]")
+            raise ConfigError("retrieval.top_k is empty: give the cutoffs k of recall@k, e.g. [10]")
         for i, k in enumerate(self.top_k):
-            _positive(f"model.top_k[{i}]", k)
+            _positive(f"retrieval.top_k[{i}]", k)
 
 
 @dataclass
@@ -487,6 +499,7 @@ class TrainConfig:
     model: Any = MISSING
     data: DataConfig = MISSING
     trainer: TrainerConfig = MISSING
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     seed: int = 0
     name: str | None = None
     # a validation metric, a run measure (parameters, samples_per_s), or a list of them for a
@@ -525,6 +538,7 @@ class EvaluateConfig(RunInputConfig):
     """The root config of `python -m recsys.evaluate`."""
 
     output: str | None = None  # null: <run>/eval.json
+    retrieval: RetrievalConfig | None = None  # two-tower; null: the run's own retrieval config
 
 
 @dataclass

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from recsys import config as schema
-from recsys.config import DataConfig, RunInputConfig
+from recsys.config import RETRIEVAL_KEYS, DataConfig, RetrievalConfig, RunInputConfig
 from recsys.data import vocabulary
 from recsys.data.features import FeatureSpec
 from recsys.demo.ctr import ensure_demo
@@ -57,6 +57,14 @@ def saved_data(run_dir: Path) -> DataConfig:
         OmegaConf.structured(DataConfig), {k: v for k, v in saved.items() if k in known}
     )
     return schema.to_object(node)
+
+
+def saved_retrieval(run_dir: Path) -> RetrievalConfig:
+    """The retrieval settings a run was trained with (an earlier run's are in its model config)."""
+    saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    earlier = {k: v for k, v in saved["model"].items() if k in RETRIEVAL_KEYS}
+    node = saved.get("retrieval") or earlier
+    return schema.to_object(OmegaConf.merge(OmegaConf.structured(RetrievalConfig), node))
 
 
 def open_run(cfg: RunInputConfig, label: bool) -> tuple[Path, nn.Module, FeatureSpec, DataConfig]:

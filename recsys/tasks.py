@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchrec.datasets.utils import Batch
 
-from recsys.config import DataConfig, Task
+from recsys.config import DataConfig, RetrievalConfig, Task
 from recsys.data.batches import Padding
 from recsys.metrics import TASK_METRICS, Accumulator
 from recsys.retrieval import Retrieval
@@ -68,10 +68,11 @@ class Ranking:
         return LogitEvaluator(model, self.task)
 
 
-def task_for(model: nn.Module, data: DataConfig) -> TrainingTask:
-    """The learning problem of a model (before sharding) on the configured data."""
+def task_for(model: nn.Module, data: DataConfig, retrieval: RetrievalConfig) -> TrainingTask:
+    """The learning problem of a model (before sharding) on the configured data; `retrieval`
+    configures it for two-tower models."""
     if isinstance(model, TwoTower):
-        return Retrieval.scan(model, data)
+        return Retrieval.scan(model, data, retrieval)
     return Ranking(data.task)
 
 

@@ -191,7 +191,7 @@ def build(
     """The model (sharded), its task, objectives and optimizers, and the trainer."""
     tcfg = typed.trainer
     model = instantiate(cfg.model, _partial_=True, _convert_="all")(features=spec, device="meta")
-    task = task_for(model, typed.data)
+    task = task_for(model, typed.data, typed.retrieval)
     objectives = objective_names(typed.objective, task.metrics)
     objective = next((n for n in objectives if n not in RUN_MEASURES), None)
     monitor = _metric(

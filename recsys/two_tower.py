@@ -82,9 +82,6 @@ class TwoTower(EmbeddingModel):
         item_id: str,
         output_dim: int,
         temperature: float,
-        logq_correction: bool,
-        remove_accidental_hits: bool,
-        top_k: list[int],
         device: torch.device | str = "meta",
     ):
         check_towers(features, user_features, item_features, user_id, item_id)
@@ -94,9 +91,6 @@ class TwoTower(EmbeddingModel):
         self.user_features, self.item_features = list(user_features), list(item_features)
         self.user_id, self.item_id = user_id, item_id
         self.temperature = temperature
-        self.logq_correction = logq_correction
-        self.remove_accidental_hits = remove_accidental_hits
-        self.top_k = tuple(top_k)
         names = features.categorical_names
         args = (embedding_dim, hidden, output_dim, dropout, batch_norm)
         self.user_tower, self.item_tower = (
