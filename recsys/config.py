@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
@@ -651,14 +652,22 @@ def register() -> None:
 
 
 def _target_arguments(target: Any) -> set[str] | None:
-    """Keyword arguments the `_target_` callable takes; None when it takes any."""
+    """Keyword arguments the `_target_` callable takes (with the keys of a `**kwargs:
+    Unpack[SomeTypedDict]`, as the models' shared Tables); None when it takes any."""
     try:
-        params = inspect.signature(get_object(str(target))).parameters.values()
+        called = get_object(str(target))
+        params = inspect.signature(called).parameters.values()
     except (ImportError, ValueError, TypeError):
         return set()
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
-    return {p.name for p in params if p.kind is not p.POSITIONAL_ONLY}
+    named = {p.name for p in params if p.kind not in (p.POSITIONAL_ONLY, p.VAR_KEYWORD)}
+    for p in params:
+        if p.kind is p.VAR_KEYWORD:
+            hints = typing.get_type_hints(called.__init__ if isinstance(called, type) else called)
+            unpacked = typing.get_args(hints.get(p.name))
+            if typing.get_origin(hints.get(p.name)) is not typing.Unpack or not unpacked:
+                return None
+            named |= set(typing.get_type_hints(unpacked[0]))
+    return named
 
 
 def check_keys(node: Any, prefix: str = "") -> None:
