@@ -18,7 +18,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from recsys.errors import ConfigError
 
 
-class Task(Enum):
+class LabelKind(Enum):
+    """The kind of label (`data.task`): 0/1 clicks, or any number."""
+
     binary = "binary"
     regression = "regression"
 
@@ -108,7 +110,7 @@ class DataConfig:
     validation: SplitConfig | None = field(default_factory=lambda: SplitConfig(["validation"]))
     test: SplitConfig | None = field(default_factory=lambda: SplitConfig(["test"]))
     label: str = MISSING
-    task: Task = Task.binary
+    task: LabelKind = LabelKind.binary  # the label's kind
     dense: list[str] = field(default_factory=list)
     # "column:rows" entries: a categorical column and the rows of its embedding table
     categorical: list[str] = field(default_factory=list)

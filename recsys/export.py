@@ -119,7 +119,7 @@ def metadata(model: nn.Module, spec: FeatureSpec, data: DataConfig, run_dir: Pat
         "model": type(model).__name__,
         "run": str(run_dir),
         "label": spec.label,
-        "task": spec.task.value,
+        "task": spec.label_kind.value,
         "dense": list(spec.dense),
         "categorical": [
             {"name": n, "rows": rows, "vocabulary": vocab} for n, rows in spec.categorical

@@ -35,10 +35,10 @@ def check_features(run_dir: Path, spec: FeatureSpec, data: DataConfig, label: bo
         problems.append(f"data.dense is {list(given.dense)}, the model's is {list(spec.dense)}")
     if given.categorical != spec.categorical:
         problems.append(f"data.categorical is {_entries(given)}, the model's is {_entries(spec)}")
-    if label and (given.label, given.task) != (spec.label, spec.task):
+    if label and (given.label, given.label_kind) != (spec.label, spec.label_kind):
         problems.append(
-            f"data.label/task is {given.label}/{given.task.value}, the model's is "
-            f"{spec.label}/{spec.task.value}"
+            f"data.label/task is {given.label}/{given.label_kind.value}, the model's is "
+            f"{spec.label}/{spec.label_kind.value}"
         )
     if problems:
         raise DataError(

@@ -92,7 +92,7 @@ def test_dcn_v2_and_dlrm_sizes_name_the_key(model, override, message):
     [
         ("trainer.max_epoch=3", ConfigKeyError),  # a typo
         ("trainer.max_epochs=abc", ValidationError),  # a wrong type
-        ("data.task=ranking", ValidationError),  # not a task
+        ("data.task=ranking", ValidationError),  # not a label kind
         ("trainer.sparse_optimizer.type=lamb", ValidationError),
     ],
 )

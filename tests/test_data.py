@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recsys.config import DataConfig, FileFormat, OovPolicy, SplitConfig, Task
+from recsys.config import DataConfig, FileFormat, LabelKind, OovPolicy, SplitConfig
 from recsys.data.batches import BatchConverter, DataQuality, hash_strings
 from recsys.data.features import FeatureSpec
 from recsys.data.reader import open_split, prefetched
@@ -15,7 +15,7 @@ from recsys.data.sources import list_files, parse_filter
 from recsys.errors import ConfigError, DataError
 from tests.conftest import cli
 
-SPEC = FeatureSpec("y", Task.binary, ("x",), (("a", 10), ("tags", 100)))
+SPEC = FeatureSpec("y", LabelKind.binary, ("x",), (("a", 10), ("tags", 100)))
 
 
 def table(n=5, **over):

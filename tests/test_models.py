@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
-from recsys.config import Pooling, Task
+from recsys.config import LabelKind, Pooling
 from recsys.data.features import FeatureSpec
 from recsys.models import (
     DLRM,
@@ -21,7 +21,7 @@ from recsys.models import (
     unfold_first_order,
 )
 
-SPEC = FeatureSpec("y", Task.binary, ("x0", "x1"), (("a", 10), ("b", 7), ("tags", 5)))
+SPEC = FeatureSpec("y", LabelKind.binary, ("x0", "x1"), (("a", 10), ("b", 7), ("tags", 5)))
 
 
 def tables(dim: int, pooling: Pooling = Pooling.sum) -> Tables:

@@ -166,14 +166,14 @@ def test_cli_run_writes_a_complete_run_dir(small_data, tmp_path):
     code = f"""
 import json, sys, torch.distributed as dist
 from recsys.outputs import load_model
-from recsys.config import DataConfig, Task
+from recsys.config import DataConfig, LabelKind
 from recsys.data.batches import DataQuality
 from recsys.data.reader import open_split
 from recsys.metrics import Accumulator
 model, spec = load_model({str(run_dir)!r})
 data = DataConfig(path={str(small_data)!r}, label=spec.label, dense=list(spec.dense),
                   categorical=[f"{{k}}:{{v}}" for k, v in spec.categorical], eval_batch_size=16384)
-acc = Accumulator(spec.task)
+acc = Accumulator(spec.label_kind)
 for i, b in enumerate(open_split(data, "validation", DataQuality(), train=False, max_batches=2)):
     acc.add(model(b.dense_features, b.sparse_features), b.labels)
 assert not dist.is_initialized()

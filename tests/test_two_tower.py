@@ -11,7 +11,7 @@ from torchrec import KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
 
 from recsys import config as schema
-from recsys.config import Pooling, RetrievalConfig, Task
+from recsys.config import LabelKind, Pooling, RetrievalConfig
 from recsys.data.features import FeatureSpec
 from recsys.demo.interactions import InteractionSpec
 from recsys.errors import ConfigError
@@ -22,7 +22,7 @@ from tests.conftest import compose_cfg
 
 SPEC = FeatureSpec(
     "click",
-    Task.binary,
+    LabelKind.binary,
     ("age", "price"),
     (("user", 10), ("interests", 6), ("item", 8), ("tags", 5)),
 )
