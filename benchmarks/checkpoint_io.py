@@ -45,6 +45,7 @@ def child(model_name: str, repeats: int, out: Path) -> None:
 
     from recsys import checkpoint
     from recsys import config as schema
+    from recsys.data.features import FeatureSpec
     from recsys.distributed import (
         dense_parameters,
         full_state_dict,
@@ -52,7 +53,6 @@ def child(model_name: str, repeats: int, out: Path) -> None:
         quiet_torchrec,
         shard,
     )
-    from recsys.features import FeatureSpec
 
     quiet_torchrec()
     schema.register()

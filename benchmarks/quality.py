@@ -45,7 +45,7 @@ FLOOR_OF = {"lr": "fm", "fm": "fm"}  # the rest: deepfm
 
 
 def spec_of(mix: str, rows: int):
-    from recsys.demo_data import DemoSpec, log_spaced
+    from recsys.demo.ctr import DemoSpec, log_spaced
 
     over = dict(MIXES[mix])
     high = over.pop("max_rows", 100_000)
@@ -59,7 +59,7 @@ def spec_of(mix: str, rows: int):
 
 
 def ensure_data(mix: str, rows: int) -> Path:
-    from recsys.demo_data import generate
+    from recsys.demo.ctr import generate
 
     cache = os.environ.get("RECSYS_CACHE") or Path.home() / ".cache" / "recsys"
     out = Path(cache) / "bench" / f"quality-v2-{mix}-{rows}"

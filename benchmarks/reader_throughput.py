@@ -26,10 +26,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from train_throughput import bench_spec, ensure_data  # noqa: E402
 
-from recsys.batches import DataQuality  # noqa: E402
 from recsys.config import DataConfig, FileFormat, S3Config, SplitConfig  # noqa: E402
-from recsys.data import open_split  # noqa: E402
-from recsys.demo_data import to_recis_layout  # noqa: E402
+from recsys.data.batches import DataQuality  # noqa: E402
+from recsys.data.reader import open_split  # noqa: E402
+from recsys.demo.ctr import to_recis_layout  # noqa: E402
 
 
 def config(path: str, fmt: FileFormat, threads: int, s3: S3Config | None = None) -> DataConfig:

@@ -31,11 +31,11 @@ from train_throughput import busy_cpu_seconds
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from recsys.demo_data import DemoSpec  # noqa: E402
-from recsys.demo_data import generate as generate_ctr  # noqa: E402
+from recsys.demo.ctr import DemoSpec  # noqa: E402
+from recsys.demo.ctr import generate as generate_ctr  # noqa: E402
+from recsys.demo.interactions import InteractionSpec  # noqa: E402
+from recsys.demo.interactions import generate as generate_interactions  # noqa: E402
 from recsys.exported import load_exported  # noqa: E402
-from recsys.interactions_demo import InteractionSpec  # noqa: E402
-from recsys.interactions_demo import generate as generate_interactions  # noqa: E402
 
 
 def recsys(module: str, *args: str) -> str:

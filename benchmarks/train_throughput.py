@@ -33,7 +33,7 @@ def data_dir(rows: int) -> Path:
 
 def bench_spec(rows: int):
     """The generated set: Criteo's shape (26 categorical, 13 dense), no multi-hot column."""
-    from recsys.demo_data import DemoSpec, log_spaced
+    from recsys.demo.ctr import DemoSpec, log_spaced
 
     return DemoSpec(
         rows={"train": rows, "validation": 0, "test": 0},
@@ -44,7 +44,7 @@ def bench_spec(rows: int):
 
 
 def ensure_data(rows: int) -> Path:
-    from recsys.demo_data import generate
+    from recsys.demo.ctr import generate
 
     out = data_dir(rows)
     if not (out / "demo_info.json").exists():

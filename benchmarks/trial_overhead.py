@@ -26,7 +26,7 @@ import optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
-from recsys.demo_data import DemoSpec, generate
+from recsys.demo.ctr import DemoSpec, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
@@ -17,7 +18,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from recsys.errors import ConfigError
 
 
-class Task(Enum):
+class LabelKind(Enum):
+    """The kind of label (`data.task`): 0/1 clicks, or any number."""
+
     binary = "binary"
     regression = "regression"
 
@@ -107,7 +110,7 @@ class DataConfig:
     validation: SplitConfig | None = field(default_factory=lambda: SplitConfig(["validation"]))
     test: SplitConfig | None = field(default_factory=lambda: SplitConfig(["test"]))
     label: str = MISSING
-    task: Task = Task.binary
+    task: LabelKind = LabelKind.binary  # the label's kind
     dense: list[str] = field(default_factory=list)
     # "column:rows" entries: a categorical column and the rows of its embedding table
     categorical: list[str] = field(default_factory=list)
@@ -291,19 +294,31 @@ class TwoTowerConfig(DNNConfig):
     user_id: str | None = None  # the key of user embeddings (recsys.predict)
     item_id: str = MISSING  # ids the item: the corpus is every item id in the data
     output_dim: int = 64
-    temperature: float = 0.05
-    logq_correction: bool = True
-    remove_accidental_hits: bool = True
-    top_k: list[int] = field(default_factory=lambda: [10, 50, 100])  # recall@k, NDCG@k
+    temperature: float = 0.05  # a row's logit is the cosine of its user and item over this
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive("model.output_dim", self.output_dim)
         _positive("model.temperature", self.temperature)
+
+
+# Keys that model configs of two-tower runs held before they moved to `retrieval`.
+RETRIEVAL_KEYS = ("logq_correction", "remove_accidental_hits", "top_k")
+
+
+@dataclass
+class RetrievalConfig:
+    """The retrieval task's settings: the loss and metrics of two-tower models."""
+
+    logq_correction: bool = True  # subtract log(item frequency in train) from in-batch logits
+    remove_accidental_hits: bool = True  # a row's own item elsewhere in the batch: no negative
+    top_k: list[int] = field(default_factory=lambda: [10, 50, 100])  # recall@k, NDCG@k
+
+    def __post_init__(self) -> None:
         if not self.top_k:
-            raise ConfigError("model.top_k is empty: give the cutoffs k of recall@k, e.g. [10]")
+            raise ConfigError("retrieval.top_k is empty: give the cutoffs k of recall@k, e.g. [10]")
         for i, k in enumerate(self.top_k):
-            _positive(f"model.top_k[{i}]", k)
+            _positive(f"retrieval.top_k[{i}]", k)
 
 
 @dataclass
@@ -487,6 +502,7 @@ class TrainConfig:
     model: Any = MISSING
     data: DataConfig = MISSING
     trainer: TrainerConfig = MISSING
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     seed: int = 0
     name: str | None = None
     # a validation metric, a run measure (parameters, samples_per_s), or a list of them for a
@@ -525,6 +541,7 @@ class EvaluateConfig(RunInputConfig):
     """The root config of `python -m recsys.evaluate`."""
 
     output: str | None = None  # null: <run>/eval.json
+    retrieval: RetrievalConfig | None = None  # two-tower; null: the run's own retrieval config
 
 
 @dataclass
@@ -637,14 +654,22 @@ def register() -> None:
 
 
 def _target_arguments(target: Any) -> set[str] | None:
-    """Keyword arguments the `_target_` callable takes; None when it takes any."""
+    """Keyword arguments the `_target_` callable takes (with the keys of a `**kwargs:
+    Unpack[SomeTypedDict]`, as the models' shared Tables); None when it takes any."""
     try:
-        params = inspect.signature(get_object(str(target))).parameters.values()
+        called = get_object(str(target))
+        params = inspect.signature(called).parameters.values()
     except (ImportError, ValueError, TypeError):
         return set()
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
-    return {p.name for p in params if p.kind is not p.POSITIONAL_ONLY}
+    named = {p.name for p in params if p.kind not in (p.POSITIONAL_ONLY, p.VAR_KEYWORD)}
+    for p in params:
+        if p.kind is p.VAR_KEYWORD:
+            hints = typing.get_type_hints(called.__init__ if isinstance(called, type) else called)
+            unpacked = typing.get_args(hints.get(p.name))
+            if typing.get_origin(hints.get(p.name)) is not typing.Unpack or not unpacked:
+                return None
+            named |= set(typing.get_type_hints(unpacked[0]))
+    return named
 
 
 def check_keys(node: Any, prefix: str = "") -> None:

@@ -11,10 +11,10 @@ import torch
 from omegaconf import DictConfig
 
 from recsys import config as schema
-from recsys.batches import DataQuality
-from recsys.data import open_split
+from recsys.data.batches import DataQuality
+from recsys.data.reader import open_split
 from recsys.outputs import summary_table, write_json
-from recsys.runs import open_run, run_or_exit
+from recsys.runs import open_run, run_or_exit, saved_retrieval
 from recsys.tasks import evaluate, task_for
 
 log = logging.getLogger("recsys")
@@ -28,7 +28,7 @@ def run(cfg: DictConfig) -> dict:
     run_dir, model, _, data = open_run(typed, label=True)
     quality = DataQuality()
     split = open_split(data, typed.split.value, quality, train=False)
-    task = task_for(model, data)
+    task = task_for(model, data, typed.retrieval or saved_retrieval(run_dir))
     metrics = evaluate(model, task, split, torch.device("cpu"))
     result = {
         "run": str(run_dir),

@@ -30,13 +30,14 @@ from omegaconf import DictConfig
 from torch import nn
 
 from recsys import config as schema
-from recsys import exported, vocabulary
+from recsys import exported
 from recsys.config import DataConfig, ExportConfig, RunInputConfig
+from recsys.data import vocabulary
+from recsys.data.features import FeatureSpec
+from recsys.data.sources import split_pieces
 from recsys.errors import ConfigError
-from recsys.features import FeatureSpec
 from recsys.outputs import summary_table, write_dir_atomic
 from recsys.runs import open_run, run_or_exit
-from recsys.sources import split_pieces
 from recsys.two_tower import TwoTower
 
 log = logging.getLogger("recsys")
@@ -118,7 +119,7 @@ def metadata(model: nn.Module, spec: FeatureSpec, data: DataConfig, run_dir: Pat
         "model": type(model).__name__,
         "run": str(run_dir),
         "label": spec.label,
-        "task": spec.task.value,
+        "task": spec.label_kind.value,
         "dense": list(spec.dense),
         "categorical": [
             {"name": n, "rows": rows, "vocabulary": vocab} for n, rows in spec.categorical

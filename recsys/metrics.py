@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from recsys.config import Task
+from recsys.config import LabelKind
 
 # Whether a larger value of each metric is better (used by early stopping and objectives).
 HIGHER_IS_BETTER = {
@@ -18,8 +18,8 @@ HIGHER_IS_BETTER = {
     "recall": True,
     "ndcg": True,
 }
-# Each task's metrics, its main one first.
-TASK_METRICS = {Task.binary: ("auc", "logloss", "ne"), Task.regression: ("rmse", "mae")}
+# Each label kind's metrics, its main one first.
+KIND_METRICS = {LabelKind.binary: ("auc", "logloss", "ne"), LabelKind.regression: ("rmse", "mae")}
 
 
 def higher_is_better(metric: str) -> bool:
@@ -46,10 +46,10 @@ def binary_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def compute(task: Task, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """All metrics of a task from raw model outputs (logits for binary, values for regression)."""
+def compute(kind: LabelKind, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """All metrics of a label kind from model outputs (logits for binary, values for regression)."""
     logits = logits.astype(np.float64)
-    if task is Task.binary:
+    if kind is LabelKind.binary:
         # log(1 + e^-|x|) + max(x, 0) - x*y is the stable binary cross-entropy
         ll = np.mean(np.logaddexp(0, logits) - logits * labels)
         p = float(np.clip(labels.mean(), 1e-12, 1 - 1e-12))
@@ -62,8 +62,8 @@ def compute(task: Task, logits: np.ndarray, labels: np.ndarray) -> dict[str, flo
 class Accumulator:
     """Collects a split's outputs batch by batch; 8 bytes per row."""
 
-    def __init__(self, task: Task):
-        self.task = task
+    def __init__(self, kind: LabelKind):
+        self.kind = kind
         self.logits: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
 
@@ -80,4 +80,4 @@ class Accumulator:
             dist.all_gather_object(shares, (logits, labels))
             logits = np.concatenate([s[0] for s in shares])
             labels = np.concatenate([s[1] for s in shares])
-        return compute(self.task, logits, labels)
+        return compute(self.kind, logits, labels)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from functools import partial
+from typing import NotRequired, TypedDict, Unpack
 
 import torch
 from torch import nn
@@ -12,7 +13,7 @@ from torchrec.models.dlrm import InteractionArch
 from torchrec.modules.crossnet import CrossNet, LowRankCrossNet
 
 from recsys.config import CrossStructure, Pooling
-from recsys.features import FeatureSpec
+from recsys.data.features import FeatureSpec
 
 
 def table_width(dim: int) -> int:
@@ -40,6 +41,17 @@ def mlp(
         inputs = width
     layers.append(nn.Linear(inputs, outputs))
     return nn.Sequential(*layers)
+
+
+class Tables(TypedDict):
+    """What every model's constructor takes for its embedding tables: the config's shared keys
+    (embedding_dim, pooling, init_std; `ModelConfig`) and, from the caller, features and device."""
+
+    features: FeatureSpec
+    embedding_dim: int
+    pooling: Pooling
+    init_std: float
+    device: NotRequired[torch.device | str]  # default "meta": DMP materialises the tables
 
 
 class EmbeddingModel(nn.Module):
@@ -137,15 +149,8 @@ def unfold_first_order(model: EmbeddingModel, state: dict) -> dict:
 class LR(EmbeddingModel):
     """First-order baseline: a weight per id and per dense feature (logistic/linear regression)."""
 
-    def __init__(
-        self,
-        features: FeatureSpec,
-        embedding_dim: int,
-        pooling: Pooling,
-        init_std: float,
-        device: torch.device | str = "meta",
-    ):
-        super().__init__(features, 0, pooling, init_std, first_order=True, device=device)
+    def __init__(self, **tables: Unpack[Tables]):
+        super().__init__(first_order=True, **(tables | {"embedding_dim": 0}))
         self.linear = nn.Linear(self.num_dense, 1)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
@@ -156,19 +161,11 @@ class LR(EmbeddingModel):
 class FM(EmbeddingModel):
     """Factorization machine; dense features enter as fields x_d * v_d."""
 
-    def __init__(
-        self,
-        features: FeatureSpec,
-        embedding_dim: int,
-        pooling: Pooling,
-        init_std: float,
-        device: torch.device | str = "meta",
-    ):
-        super().__init__(
-            features, embedding_dim, pooling, init_std, first_order=True, device=device
-        )
+    def __init__(self, **tables: Unpack[Tables]):
+        super().__init__(first_order=True, **tables)
         self.linear = nn.Linear(self.num_dense, 1)
-        self.dense_vectors = nn.Parameter(torch.randn(self.num_dense, embedding_dim) * init_std)
+        vectors = torch.randn(self.num_dense, self.vector_dim) * tables["init_std"]
+        self.dense_vectors = nn.Parameter(vectors)
 
     def fields(self, dense: torch.Tensor, sparse: KeyedJaggedTensor):
         """All fields' vectors [B, F + D, k] and the first-order logit [B]."""
@@ -186,19 +183,11 @@ class DeepFM(FM):
     """FM plus an MLP over the same field vectors (embeddings shared by both parts)."""
 
     def __init__(
-        self,
-        features: FeatureSpec,
-        embedding_dim: int,
-        pooling: Pooling,
-        init_std: float,
-        hidden: list[int],
-        dropout: float,
-        batch_norm: bool,
-        device: torch.device | str = "meta",
+        self, hidden: list[int], dropout: float, batch_norm: bool, **tables: Unpack[Tables]
     ):
-        super().__init__(features, embedding_dim, pooling, init_std, device=device)
+        super().__init__(**tables)
         fields = self.num_sparse + self.num_dense
-        self.dnn = mlp(fields * embedding_dim, list(hidden), dropout, batch_norm)
+        self.dnn = mlp(fields * self.vector_dim, list(hidden), dropout, batch_norm)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         fields, first = self.fields(dense, sparse)
@@ -210,20 +199,10 @@ class MLP(EmbeddingModel):
     """An MLP over the concatenated embeddings and raw dense features."""
 
     def __init__(
-        self,
-        features: FeatureSpec,
-        embedding_dim: int,
-        pooling: Pooling,
-        init_std: float,
-        hidden: list[int],
-        dropout: float,
-        batch_norm: bool,
-        device: torch.device | str = "meta",
+        self, hidden: list[int], dropout: float, batch_norm: bool, **tables: Unpack[Tables]
     ):
-        super().__init__(
-            features, embedding_dim, pooling, init_std, first_order=False, device=device
-        )
-        inputs = self.num_sparse * embedding_dim + self.num_dense
+        super().__init__(first_order=False, **tables)
+        inputs = self.num_sparse * self.vector_dim + self.num_dense
         self.dnn = mlp(inputs, list(hidden), dropout, batch_norm)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
@@ -236,22 +215,16 @@ class DCNv2(MLP):
 
     def __init__(
         self,
-        features: FeatureSpec,
-        embedding_dim: int,
-        pooling: Pooling,
-        init_std: float,
         hidden: list[int],
         dropout: float,
         batch_norm: bool,
         cross_layers: int,
         low_rank: int | None,
         structure: CrossStructure,
-        device: torch.device | str = "meta",
+        **tables: Unpack[Tables],
     ):
-        super().__init__(
-            features, embedding_dim, pooling, init_std, hidden, dropout, batch_norm, device=device
-        )
-        inputs = self.num_sparse * embedding_dim + self.num_dense
+        super().__init__(hidden, dropout, batch_norm, **tables)
+        inputs = self.num_sparse * self.vector_dim + self.num_dense
         if low_rank is None:
             self.cross = CrossNet(inputs, cross_layers)
         else:
@@ -271,19 +244,9 @@ class DCNv2(MLP):
 class DLRM(EmbeddingModel):
     """DLRM as TorchRec's: dot products of all pairs of the dense vector and embeddings, top MLP."""
 
-    def __init__(
-        self,
-        features: FeatureSpec,
-        embedding_dim: int,
-        pooling: Pooling,
-        init_std: float,
-        bottom_hidden: list[int],
-        top_hidden: list[int],
-        device: torch.device | str = "meta",
-    ):
-        super().__init__(
-            features, embedding_dim, pooling, init_std, first_order=False, device=device
-        )
+    def __init__(self, bottom_hidden: list[int], top_hidden: list[int], **tables: Unpack[Tables]):
+        super().__init__(first_order=False, **tables)
+        embedding_dim = self.vector_dim
         bottom = mlp(self.num_dense, list(bottom_hidden), 0.0, False, outputs=embedding_dim)
         self.bottom = bottom.append(nn.ReLU())
         self.interaction = InteractionArch(self.num_sparse)

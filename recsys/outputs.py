@@ -15,8 +15,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from recsys.config import RETRIEVAL_KEYS
+from recsys.data.features import FeatureSpec
 from recsys.errors import RecsysError
-from recsys.features import FeatureSpec
 from recsys.models import unfold_first_order
 
 MODEL_FILE = "model.pt"
@@ -131,6 +132,12 @@ def save_model(
     return path
 
 
+def without_retrieval_keys(model_cfg: dict) -> dict:
+    """A model config without the retrieval task's settings, which two-tower model configs held
+    before they moved to `retrieval` (the model never read them)."""
+    return {k: v for k, v in model_cfg.items() if k not in RETRIEVAL_KEYS}
+
+
 def load_model(run_dir: str | Path) -> tuple[nn.Module, FeatureSpec]:
     """An exported model on CPU in eval mode, built without any process group."""
     path = Path(run_dir) / MODEL_FILE
@@ -140,7 +147,7 @@ def load_model(run_dir: str | Path) -> tuple[nn.Module, FeatureSpec]:
     if payload.get("format") != MODEL_FORMAT:
         raise RecsysError(f"{path} is not a recsys model file (format {payload.get('format')})")
     spec = FeatureSpec.from_dict(payload["features"])
-    model_cfg = OmegaConf.create(payload["model"])
+    model_cfg = OmegaConf.create(without_retrieval_keys(payload["model"]))
     model = instantiate(model_cfg, _partial_=True, _convert_="all")(features=spec, device="cpu")
     model.load_state_dict(unfold_first_order(model, payload["state_dict"]))
     return model.eval(), spec

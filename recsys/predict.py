@@ -24,15 +24,15 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from recsys import config as schema
-from recsys import vocabulary
-from recsys.batches import BatchConverter, DataQuality, check_schema
-from recsys.column_subset import pad_inputs
-from recsys.config import Embeddings, PredictConfig, SplitConfig, Task
+from recsys.config import Embeddings, LabelKind, PredictConfig, SplitConfig
+from recsys.data import vocabulary
+from recsys.data.batches import BatchConverter, DataQuality, check_schema
+from recsys.data.column_subset import pad_inputs
+from recsys.data.features import FeatureSpec
+from recsys.data.sources import Piece, split_pieces
 from recsys.errors import ConfigError, DataError
-from recsys.features import FeatureSpec
 from recsys.outputs import summary_table, write_dir_atomic
 from recsys.runs import open_run, run_or_exit
-from recsys.sources import Piece, split_pieces
 from recsys.two_tower import TwoTower
 
 log = logging.getLogger("recsys")
@@ -43,14 +43,14 @@ class ScoreColumns:
     """A ranking model's output: its logit (and the probability, for binary labels)."""
 
     def __init__(self, model: nn.Module, spec: FeatureSpec):
-        self.model, self.task = model, spec.task
+        self.model, self.label_kind = model, spec.label_kind
         self.part = spec
         self.keys: list[str] = []
 
     def __call__(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, pa.Array]:
         score = self.model(dense, sparse)
         out = {"score": pa.array(score.numpy())}
-        if self.task is Task.binary:
+        if self.label_kind is LabelKind.binary:
             out["probability"] = pa.array(torch.sigmoid(score).numpy())
         return out
 

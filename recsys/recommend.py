@@ -27,12 +27,12 @@ from omegaconf import DictConfig
 
 from recsys import config as schema
 from recsys.config import DataConfig, Index, RecommendConfig, SplitConfig
+from recsys.data.sources import split_pieces
 from recsys.errors import ConfigError
 from recsys.export import corpus_rows, load_run
 from recsys.exported import TwoTowerExport
 from recsys.outputs import summary_table, write_dir_atomic
 from recsys.runs import run_or_exit
-from recsys.sources import split_pieces
 from recsys.topk import top_k
 
 log = logging.getLogger("recsys")

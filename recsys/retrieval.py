@@ -12,12 +12,12 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
 
-from recsys.batches import DataQuality
-from recsys.column_subset import only_columns, pad_inputs
-from recsys.config import DataConfig
-from recsys.data import open_split
+from recsys.config import DataConfig, RetrievalConfig
+from recsys.data.batches import DataQuality
+from recsys.data.column_subset import only_columns, pad_inputs
+from recsys.data.features import FeatureSpec
+from recsys.data.reader import open_split
 from recsys.errors import DataError
-from recsys.features import FeatureSpec
 from recsys.retrieval_metrics import RankMetrics, corpus_ranks, popularity_ranks
 from recsys.two_tower import TwoTower, in_batch_softmax_loss
 
@@ -118,18 +118,18 @@ class Corpus:
 class Retrieval:
     """In-batch sampled softmax with logQ correction; recall@k and NDCG@k against the corpus."""
 
-    def __init__(self, model: TwoTower, corpus: Corpus):
+    def __init__(self, model: TwoTower, corpus: Corpus, settings: RetrievalConfig):
         self.item_id = model.item_id
         self.temperature = model.temperature
-        self.remove_accidental_hits = model.remove_accidental_hits
-        self.top_k = model.top_k
+        self.remove_accidental_hits = settings.remove_accidental_hits
+        self.top_k = tuple(settings.top_k)
         self.corpus = corpus
-        self.metrics = tuple(f"{m}@{k}" for m in ("recall", "ndcg") for k in model.top_k)
+        self.metrics = tuple(f"{m}@{k}" for m in ("recall", "ndcg") for k in self.top_k)
         q = np.maximum(corpus.sampled, 1) / max(int(corpus.sampled.sum()), 1)
-        self.log_q = torch.from_numpy(np.log(q)).float() if model.logq_correction else None
+        self.log_q = torch.from_numpy(np.log(q)).float() if settings.logq_correction else None
 
     @classmethod
-    def scan(cls, model: TwoTower, data: DataConfig) -> Retrieval:
+    def scan(cls, model: TwoTower, data: DataConfig, settings: RetrievalConfig) -> Retrieval:
         """The task on the configured data: its corpus gathered from every split's item columns."""
         items = only_columns(data, model.item_features)
         splits = {
@@ -145,7 +145,7 @@ class Retrieval:
             len(corpus.positions),
             int(corpus.clicked.sum()),
         )
-        return cls(model, corpus)
+        return cls(model, corpus, settings)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         users, items = model(batch.dense_features, batch.sparse_features, vectors=True)

@@ -12,12 +12,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from recsys import config as schema
-from recsys import vocabulary
-from recsys.config import DataConfig, RunInputConfig
-from recsys.demo_data import ensure_demo
+from recsys.config import RETRIEVAL_KEYS, DataConfig, RetrievalConfig, RunInputConfig
+from recsys.data import vocabulary
+from recsys.data.features import FeatureSpec
+from recsys.demo.ctr import ensure_demo
 from recsys.distributed import quiet_torchrec
 from recsys.errors import DataError, exit_on_user_error
-from recsys.features import FeatureSpec
 from recsys.outputs import load_model, unmask_secrets
 
 log = logging.getLogger("recsys")
@@ -35,10 +35,10 @@ def check_features(run_dir: Path, spec: FeatureSpec, data: DataConfig, label: bo
         problems.append(f"data.dense is {list(given.dense)}, the model's is {list(spec.dense)}")
     if given.categorical != spec.categorical:
         problems.append(f"data.categorical is {_entries(given)}, the model's is {_entries(spec)}")
-    if label and (given.label, given.task) != (spec.label, spec.task):
+    if label and (given.label, given.label_kind) != (spec.label, spec.label_kind):
         problems.append(
-            f"data.label/task is {given.label}/{given.task.value}, the model's is "
-            f"{spec.label}/{spec.task.value}"
+            f"data.label/task is {given.label}/{given.label_kind.value}, the model's is "
+            f"{spec.label}/{spec.label_kind.value}"
         )
     if problems:
         raise DataError(
@@ -57,6 +57,14 @@ def saved_data(run_dir: Path) -> DataConfig:
         OmegaConf.structured(DataConfig), {k: v for k, v in saved.items() if k in known}
     )
     return schema.to_object(node)
+
+
+def saved_retrieval(run_dir: Path) -> RetrievalConfig:
+    """The retrieval settings a run was trained with (an earlier run's are in its model config)."""
+    saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    earlier = {k: v for k, v in saved["model"].items() if k in RETRIEVAL_KEYS}
+    node = saved.get("retrieval") or earlier
+    return schema.to_object(OmegaConf.merge(OmegaConf.structured(RetrievalConfig), node))
 
 
 def open_run(cfg: RunInputConfig, label: bool) -> tuple[Path, nn.Module, FeatureSpec, DataConfig]:

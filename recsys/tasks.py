@@ -1,4 +1,7 @@
-"""What a model learns: its loss and its metrics (ranking models: per row; two-tower: retrieval)."""
+"""What a model learns: its task, a loss and metrics (Ranking: per row; two-tower: Retrieval).
+
+"Task" here means only that (the `TrainingTask` the trainer steps); binary vs regression is the
+label's kind (`config.LabelKind`, set by data.task), and Hydra's task is the job it runs."""
 
 from __future__ import annotations
 
@@ -10,9 +13,9 @@ from torch import nn
 from torch.nn import functional as F
 from torchrec.datasets.utils import Batch
 
-from recsys.batches import Padding
-from recsys.config import DataConfig, Task
-from recsys.metrics import TASK_METRICS, Accumulator
+from recsys.config import DataConfig, LabelKind, RetrievalConfig
+from recsys.data.batches import Padding
+from recsys.metrics import KIND_METRICS, Accumulator
 from recsys.retrieval import Retrieval
 from recsys.two_tower import TwoTower
 
@@ -33,8 +36,8 @@ class TrainingTask(Protocol):
     def evaluator(self, model: nn.Module, device: torch.device) -> Evaluator: ...
 
 
-def loss_fn(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    if task is Task.binary:
+def loss_fn(kind: LabelKind, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if kind is LabelKind.binary:
         return F.binary_cross_entropy_with_logits(logits, labels)
     return F.mse_loss(logits, labels)
 
@@ -42,9 +45,9 @@ def loss_fn(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 class LogitEvaluator:
     """Collects a model's logits over a split and scores them against the labels."""
 
-    def __init__(self, model: nn.Module, task: Task):
+    def __init__(self, model: nn.Module, kind: LabelKind):
         self.model = model
-        self.accumulator = Accumulator(task)
+        self.accumulator = Accumulator(kind)
 
     def add(self, batch: Batch) -> None:
         logits = self.model(batch.dense_features, batch.sparse_features)
@@ -57,21 +60,22 @@ class LogitEvaluator:
 class Ranking:
     """A logit per row against its label: cross-entropy (binary) or squared error (regression)."""
 
-    def __init__(self, task: Task):
-        self.task = task
-        self.metrics = TASK_METRICS[task]
+    def __init__(self, kind: LabelKind):
+        self.kind = kind
+        self.metrics = KIND_METRICS[kind]
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return loss_fn(self.task, model(batch.dense_features, batch.sparse_features), batch.labels)
+        return loss_fn(self.kind, model(batch.dense_features, batch.sparse_features), batch.labels)
 
     def evaluator(self, model: nn.Module, device: torch.device) -> LogitEvaluator:
-        return LogitEvaluator(model, self.task)
+        return LogitEvaluator(model, self.kind)
 
 
-def task_for(model: nn.Module, data: DataConfig) -> TrainingTask:
-    """The learning problem of a model (before sharding) on the configured data."""
+def task_for(model: nn.Module, data: DataConfig, retrieval: RetrievalConfig) -> TrainingTask:
+    """The learning problem of a model (before sharding) on the configured data; `retrieval`
+    configures it for two-tower models."""
     if isinstance(model, TwoTower):
-        return Retrieval.scan(model, data)
+        return Retrieval.scan(model, data, retrieval)
     return Ranking(data.task)
 
 

@@ -23,10 +23,11 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from recsys import checkpoint
 from recsys import config as schema
-from recsys.batches import DataQuality
 from recsys.checkpoint import Restored
-from recsys.data import SplitReader, open_split
-from recsys.demo_data import ensure_demo
+from recsys.data.batches import DataQuality
+from recsys.data.features import FeatureSpec
+from recsys.data.reader import SplitReader, open_split
+from recsys.demo.ctr import ensure_demo
 from recsys.distributed import (
     agree,
     dense_parameters,
@@ -40,7 +41,6 @@ from recsys.distributed import (
     shard,
 )
 from recsys.errors import ConfigError, exit_on_user_error
-from recsys.features import FeatureSpec
 from recsys.objectives import (
     RUN_MEASURES,
     objective_entries,
@@ -191,7 +191,7 @@ def build(
     """The model (sharded), its task, objectives and optimizers, and the trainer."""
     tcfg = typed.trainer
     model = instantiate(cfg.model, _partial_=True, _convert_="all")(features=spec, device="meta")
-    task = task_for(model, typed.data)
+    task = task_for(model, typed.data, typed.retrieval)
     objectives = objective_names(typed.objective, task.metrics)
     objective = next((n for n in objectives if n not in RUN_MEASURES), None)
     monitor = _metric(

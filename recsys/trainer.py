@@ -23,10 +23,10 @@ from torchrec.datasets.utils import Batch
 from tqdm import tqdm
 
 from recsys import checkpoint
-from recsys.batches import DataQuality
 from recsys.checkpoint import Restored
 from recsys.config import LrDecay, LrScheduleConfig, TrainerConfig
-from recsys.data import ReaderPosition, SplitReader
+from recsys.data.batches import DataQuality
+from recsys.data.reader import ReaderPosition, SplitReader
 from recsys.distributed import row_sparse_adam
 from recsys.errors import RecsysError
 from recsys.metrics import higher_is_better

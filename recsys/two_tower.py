@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Unpack
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torchrec import KeyedJaggedTensor
 
-from recsys.config import Pooling
+from recsys.data.features import FeatureSpec
 from recsys.errors import ConfigError
-from recsys.features import FeatureSpec
-from recsys.models import EmbeddingModel, mlp
+from recsys.models import EmbeddingModel, Tables, mlp
 
 
 def check_towers(
@@ -69,10 +70,6 @@ class TwoTower(EmbeddingModel):
 
     def __init__(
         self,
-        features: FeatureSpec,
-        embedding_dim: int,
-        pooling: Pooling,
-        init_std: float,
         hidden: list[int],
         dropout: float,
         batch_norm: bool,
@@ -82,23 +79,16 @@ class TwoTower(EmbeddingModel):
         item_id: str,
         output_dim: int,
         temperature: float,
-        logq_correction: bool,
-        remove_accidental_hits: bool,
-        top_k: list[int],
-        device: torch.device | str = "meta",
+        **tables: Unpack[Tables],
     ):
+        features = tables["features"]
         check_towers(features, user_features, item_features, user_id, item_id)
-        super().__init__(
-            features, embedding_dim, pooling, init_std, first_order=False, device=device
-        )
+        super().__init__(first_order=False, **tables)
         self.user_features, self.item_features = list(user_features), list(item_features)
         self.user_id, self.item_id = user_id, item_id
         self.temperature = temperature
-        self.logq_correction = logq_correction
-        self.remove_accidental_hits = remove_accidental_hits
-        self.top_k = tuple(top_k)
         names = features.categorical_names
-        args = (embedding_dim, hidden, output_dim, dropout, batch_norm)
+        args = (self.vector_dim, hidden, output_dim, dropout, batch_norm)
         self.user_tower, self.item_tower = (
             Tower(
                 [i for i, c in enumerate(names) if c in tower],

@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from recsys import config as schema
-from recsys.demo_data import DemoSpec, generate
+from recsys.demo.ctr import DemoSpec, generate
 from recsys.distributed import torchrun_command  # noqa: F401  (the tests' import of it)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,8 +13,8 @@ from hydra.utils import instantiate
 from torch import nn
 
 from recsys import config as schema
-from recsys import vocabulary
-from recsys.features import FeatureSpec
+from recsys.data import vocabulary
+from recsys.data.features import FeatureSpec
 from recsys.outputs import save_config, save_model
 from tests.conftest import compose_cfg
 

@@ -7,9 +7,9 @@ from hydra.utils import instantiate
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from recsys import config as schema
-from recsys.demo_data import DemoSpec
+from recsys.data.features import FeatureSpec
+from recsys.demo.ctr import DemoSpec
 from recsys.errors import ConfigError
-from recsys.features import FeatureSpec
 from tests.conftest import CONF, compose_cfg
 
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
@@ -92,7 +92,7 @@ def test_dcn_v2_and_dlrm_sizes_name_the_key(model, override, message):
     [
         ("trainer.max_epoch=3", ConfigKeyError),  # a typo
         ("trainer.max_epochs=abc", ValidationError),  # a wrong type
-        ("data.task=ranking", ValidationError),  # not a task
+        ("data.task=ranking", ValidationError),  # not a label kind
         ("trainer.sparse_optimizer.type=lamb", ValidationError),
     ],
 )

@@ -7,15 +7,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recsys.batches import BatchConverter, DataQuality, hash_strings
-from recsys.config import DataConfig, FileFormat, OovPolicy, SplitConfig, Task
-from recsys.data import open_split, prefetched
+from recsys.config import DataConfig, FileFormat, LabelKind, OovPolicy, SplitConfig
+from recsys.data.batches import BatchConverter, DataQuality, hash_strings
+from recsys.data.features import FeatureSpec
+from recsys.data.reader import open_split, prefetched
+from recsys.data.sources import list_files, parse_filter
 from recsys.errors import ConfigError, DataError
-from recsys.features import FeatureSpec
-from recsys.sources import list_files, parse_filter
 from tests.conftest import cli
 
-SPEC = FeatureSpec("y", Task.binary, ("x",), (("a", 10), ("tags", 100)))
+SPEC = FeatureSpec("y", LabelKind.binary, ("x",), (("a", 10), ("tags", 100)))
 
 
 def table(n=5, **over):
@@ -285,7 +285,7 @@ def test_prefetch_hands_errors_to_the_consumer():
 
 
 def test_vocabulary_sizes_tables_and_maps_ids_by_frequency(tmp_path):
-    from recsys import vocabulary
+    from recsys.data import vocabulary
 
     n = 12
     t = pa.table({

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,13 +12,14 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from recsys import config as schema
 from recsys import evaluate, predict
-from recsys.batches import DataQuality
-from recsys.data import open_split
+from recsys.data.batches import DataQuality
+from recsys.data.reader import open_split
+from recsys.demo.interactions import InteractionSpec, generate
 from recsys.errors import RecsysError
-from recsys.interactions_demo import InteractionSpec, generate
 from recsys.outputs import load_model
 from recsys.runs import open_run
 from recsys.train import run as train
@@ -78,6 +80,28 @@ def test_evaluate_reproduces_the_test_metrics_of_the_run(two_tower_run):
     written = json.loads((two_tower_run / "eval.json").read_text())
     assert written["metrics"] == result["metrics"] and written["split"] == "test"
     for name, value in metrics_of(two_tower_run)["test"].items():
+        assert result["metrics"][name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_a_run_written_before_retrieval_settings_left_the_model_config_evaluates_alike(
+    two_tower_run, tmp_path
+):
+    """Earlier two-tower runs kept logq_correction, remove_accidental_hits and top_k in the model
+    config (model.pt and config.yaml): their model loads and evaluates with those settings."""
+    old = tmp_path / "old_run"
+    shutil.copytree(two_tower_run, old, ignore=shutil.ignore_patterns("checkpoints"))
+    payload = torch.load(old / "model.pt", weights_only=False)
+    payload["model"] |= {"logq_correction": True, "remove_accidental_hits": True, "top_k": [10, 50]}
+    torch.save(payload, old / "model.pt")
+    saved = OmegaConf.load(old / "config.yaml")
+    saved.model.top_k = [10, 50]
+    saved.model.logq_correction = saved.model.remove_accidental_hits = True
+    del saved["retrieval"]
+    OmegaConf.save(saved, old / "config.yaml")
+    result = evaluate.run(compose_cfg(f"run={old}", config_name="evaluate"))
+    expected = {k: v for k, v in metrics_of(two_tower_run)["test"].items() if "@100" not in k}
+    assert result["metrics"].keys() == expected.keys()
+    for name, value in expected.items():
         assert result["metrics"][name] == pytest.approx(value, abs=1e-6), name
 
 

@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from recsys.config import Task
+from recsys.config import LabelKind
 from recsys.metrics import binary_auc, compute
 
 
@@ -27,13 +27,13 @@ def test_binary_metrics_against_direct_formulas():
     labels = np.array([1.0, 0.0, 0.0, 1.0])
     p = 1 / (1 + np.exp(-logits))
     logloss = -np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))
-    m = compute(Task.binary, logits, labels)
+    m = compute(LabelKind.binary, logits, labels)
     assert m["logloss"] == pytest.approx(logloss)
     assert m["ne"] == pytest.approx(logloss / np.log(2))  # base rate 0.5: entropy ln 2
     assert m["auc"] == pytest.approx(0.5)
 
 
 def test_regression_metrics():
-    m = compute(Task.regression, np.array([1.0, 2.0, 4.0]), np.array([1.0, 3.0, 2.0]))
+    m = compute(LabelKind.regression, np.array([1.0, 2.0, 4.0]), np.array([1.0, 3.0, 2.0]))
     assert m["rmse"] == pytest.approx(np.sqrt(5 / 3))
     assert m["mae"] == pytest.approx(1.0)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
-from recsys.config import Pooling, Task
-from recsys.features import FeatureSpec
+from recsys.config import LabelKind, Pooling
+from recsys.data.features import FeatureSpec
 from recsys.models import (
     DLRM,
     FM,
@@ -15,12 +15,18 @@ from recsys.models import (
     MLP,
     DCNv2,
     DeepFM,
+    Tables,
     fm_pairwise,
     table_width,
     unfold_first_order,
 )
 
-SPEC = FeatureSpec("y", Task.binary, ("x0", "x1"), (("a", 10), ("b", 7), ("tags", 5)))
+SPEC = FeatureSpec("y", LabelKind.binary, ("x0", "x1"), (("a", 10), ("b", 7), ("tags", 5)))
+
+
+def tables(dim: int, pooling: Pooling = Pooling.sum) -> Tables:
+    """The shared constructor arguments of the small models here."""
+    return Tables(features=SPEC, embedding_dim=dim, pooling=pooling, init_std=0.3, device="cpu")
 
 
 def tiny_batch():
@@ -73,7 +79,7 @@ def test_table_width_is_a_multiple_of_4(dim, width):
 
 def test_fm_forward_matches_reference():
     torch.manual_seed(0)
-    model = FM(SPEC, embedding_dim=4, pooling=Pooling.sum, init_std=0.3, device="cpu")
+    model = FM(**tables(4))
     dense, kjt = tiny_batch()
     expected = []
     for vecs, first in fields_by_hand(model, dense, 4):
@@ -84,9 +90,7 @@ def test_fm_forward_matches_reference():
 
 def test_deepfm_is_fm_plus_dnn_over_the_same_embeddings():
     torch.manual_seed(0)
-    model = DeepFM(
-        SPEC, 4, Pooling.sum, 0.3, hidden=[8], dropout=0.0, batch_norm=False, device="cpu"
-    ).eval()
+    model = DeepFM(hidden=[8], dropout=0.0, batch_norm=False, **tables(4)).eval()
     dense, kjt = tiny_batch()
     out = model(dense, kjt)
     fm_part, deep_in = [], []
@@ -105,7 +109,7 @@ def test_deepfm_is_fm_plus_dnn_over_the_same_embeddings():
 
 def test_lr_is_first_order_only():
     torch.manual_seed(0)
-    model = LR(SPEC, 0, Pooling.sum, 0.3, device="cpu")
+    model = LR(**tables(0))
     dense, kjt = tiny_batch()
     expected = [first for _, first in fields_by_hand_lr(model, dense)]
     torch.testing.assert_close(model(dense, kjt), torch.tensor(expected))
@@ -121,7 +125,7 @@ def fields_by_hand_lr(model, dense):
 
 def test_mean_pooling_averages_multi_hot_ids():
     torch.manual_seed(0)
-    model = MLP(SPEC, 4, Pooling.mean, 0.3, hidden=[8], dropout=0.0, batch_norm=False, device="cpu")
+    model = MLP(hidden=[8], dropout=0.0, batch_norm=False, **tables(4, Pooling.mean))
     _, kjt = tiny_batch()
     vectors, bias = model.embed(kjt)
     assert bias is None
@@ -155,8 +159,8 @@ def cross_by_hand(cross, x0):
 def test_dcn_v2_matches_a_loop_reference(low_rank, structure):
     torch.manual_seed(0)
     model = DCNv2(
-        SPEC, 4, Pooling.sum, 0.3, hidden=[8], dropout=0.0, batch_norm=False, cross_layers=2,
-        low_rank=low_rank, structure=structure, device="cpu",
+        hidden=[8], dropout=0.0, batch_norm=False, cross_layers=2, low_rank=low_rank,
+        structure=structure, **tables(4),
     ).eval()  # fmt: skip
     with torch.no_grad():  # non-zero biases, so that b_l is checked too
         for bias in model.cross.bias:
@@ -181,7 +185,7 @@ def test_dcn_v2_matches_a_loop_reference(low_rank, structure):
 
 def test_dlrm_matches_a_loop_reference():
     torch.manual_seed(0)
-    model = DLRM(SPEC, 4, Pooling.sum, 0.3, bottom_hidden=[8], top_hidden=[8], device="cpu")
+    model = DLRM(bottom_hidden=[8], top_hidden=[8], **tables(4))
     dense, kjt = tiny_batch()
     bottom = model.bottom(dense)
     assert bottom.shape == (3, 4) and (bottom >= 0).all()  # to embedding_dim, through a ReLU
@@ -198,7 +202,7 @@ def test_dlrm_matches_a_loop_reference():
 def test_a_state_dict_of_folded_first_order_weights_loads_into_their_own_tables(dim):
     torch.manual_seed(0)
     build = LR if dim == 0 else FM
-    model = build(SPEC, dim, Pooling.sum, 0.3, device="cpu")
+    model = build(**tables(dim))
     dense, kjt = tiny_batch()
     expected = model(dense, kjt)
     old = {k: v for k, v in model.state_dict().items() if ".t_" not in k and ".w_" not in k}
@@ -208,6 +212,6 @@ def test_a_state_dict_of_folded_first_order_weights_loads_into_their_own_tables(
             row[:, :dim] = table(model, name)[:, :dim]
         row[:, dim] = table(model, name, "w")[:, 0]
         old[f"ebc.embedding_bags.t_{name}.weight"] = row
-    fresh = build(SPEC, dim, Pooling.sum, 0.3, device="cpu")
+    fresh = build(**tables(dim))
     fresh.load_state_dict(unfold_first_order(fresh, old))
     torch.testing.assert_close(fresh(dense, kjt), expected)

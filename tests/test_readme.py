@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from recsys import config as schema
-from recsys.sources import parse_filter
+from recsys.data.sources import parse_filter
 from tests.conftest import ROOT, compose_cfg
 
 # `python -m recsys.<entry> ...` or `torchrun [options] -m recsys.<entry> ...`, in a code block

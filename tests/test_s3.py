@@ -9,9 +9,9 @@ import threading
 import pyarrow.fs as pafs
 import pytest
 
-from recsys.batches import DataQuality
 from recsys.config import DataConfig, S3Config, SplitConfig
-from recsys.data import open_split
+from recsys.data.batches import DataQuality
+from recsys.data.reader import open_split
 from recsys.errors import DataError
 from recsys.train import run
 from tests import s3_server

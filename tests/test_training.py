@@ -166,14 +166,14 @@ def test_cli_run_writes_a_complete_run_dir(small_data, tmp_path):
     code = f"""
 import json, sys, torch.distributed as dist
 from recsys.outputs import load_model
-from recsys.config import DataConfig, Task
-from recsys.batches import DataQuality
-from recsys.data import open_split
+from recsys.config import DataConfig, LabelKind
+from recsys.data.batches import DataQuality
+from recsys.data.reader import open_split
 from recsys.metrics import Accumulator
 model, spec = load_model({str(run_dir)!r})
 data = DataConfig(path={str(small_data)!r}, label=spec.label, dense=list(spec.dense),
                   categorical=[f"{{k}}:{{v}}" for k, v in spec.categorical], eval_batch_size=16384)
-acc = Accumulator(spec.task)
+acc = Accumulator(spec.label_kind)
 for i, b in enumerate(open_split(data, "validation", DataQuality(), train=False, max_batches=2)):
     acc.add(model(b.dense_features, b.sparse_features), b.labels)
 assert not dist.is_initialized()
@@ -258,7 +258,7 @@ def test_out_of_range_ids_are_folded_by_default_and_counted(small_data, tmp_path
 @pytest.fixture(scope="session")
 def small_orc(tmp_path_factory) -> Path:
     """The demo in RecIS's ORC layout (list<double> numbers, list<int64> ids), small."""
-    from recsys.demo_data import DemoSpec, generate
+    from recsys.demo.ctr import DemoSpec, generate
 
     out = tmp_path_factory.mktemp("orc") / "small"
     rows = {"train": 60_000, "validation": 20_000, "test": 20_000}

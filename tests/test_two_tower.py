@@ -11,10 +11,10 @@ from torchrec import KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
 
 from recsys import config as schema
-from recsys.config import Pooling, Task
+from recsys.config import LabelKind, Pooling, RetrievalConfig
+from recsys.data.features import FeatureSpec
+from recsys.demo.interactions import InteractionSpec
 from recsys.errors import ConfigError
-from recsys.features import FeatureSpec
-from recsys.interactions_demo import InteractionSpec
 from recsys.retrieval import Corpus, Retrieval, cat_rows, take_rows
 from recsys.retrieval_metrics import RankMetrics, corpus_ranks, popularity_ranks
 from recsys.two_tower import TwoTower, in_batch_softmax_loss
@@ -22,7 +22,7 @@ from tests.conftest import compose_cfg
 
 SPEC = FeatureSpec(
     "click",
-    Task.binary,
+    LabelKind.binary,
     ("age", "price"),
     (("user", 10), ("interests", 6), ("item", 8), ("tags", 5)),
 )
@@ -42,9 +42,6 @@ def two_tower(**overrides) -> TwoTower:
         item_id="item",
         output_dim=6,
         temperature=0.1,
-        logq_correction=True,
-        remove_accidental_hits=True,
-        top_k=[3],
         device="cpu",
     )
     return TwoTower(**(args | TOWERS | overrides)).eval()
@@ -96,7 +93,7 @@ def test_training_loss_corrects_by_the_train_frequency_of_each_item():
     assert corpus.ids.tolist() == [1, 2, 4, 7]
     assert corpus.sampled[[1, 2, 4, 7]].tolist() == [4, 1, 2, 1]
     assert corpus.clicked[[1, 2, 4, 7]].tolist() == [3, 1, 1, 1]  # row 2 of each batch is a 0
-    task = Retrieval(model, corpus)
+    task = Retrieval(model, corpus, RetrievalConfig(top_k=[3]))
     users, items = model(batch.dense_features, batch.sparse_features, vectors=True)
     q = torch.tensor([4, 2, 4, 1]) / 8.0  # frequency of the batch's items (1, 4, 1, 7)
     expected = in_batch_softmax_loss(

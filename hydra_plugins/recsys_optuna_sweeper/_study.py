@@ -44,7 +44,7 @@ def outcome(ret: JobReturn | None, n_objectives: int) -> Outcome:
     if ret is None:
         return Outcome(TrialState.FAIL, reason="the job ended without a result (launcher log)")
     if ret.status is not JobStatus.COMPLETED:
-        error = ret._return_value  # the exception the task raised, carried back by Hydra
+        error = ret._return_value  # the exception the trial's job raised, carried back by Hydra
         if isinstance(error, optuna.TrialPruned):
             return Outcome(TrialState.PRUNED)
         return Outcome(TrialState.FAIL, reason=f"{type(error).__name__}: {error}")
@@ -57,7 +57,7 @@ def outcome(ret: JobReturn | None, n_objectives: int) -> Outcome:
         return Outcome(
             TrialState.FAIL,
             reason=f"returned {len(values)} values for {n_objectives} study directions: make "
-            "the task return one value per hydra.sweeper.direction",
+            "the job return one value per hydra.sweeper.direction",
         )
     if not all(math.isfinite(v) for v in values):
         return Outcome(TrialState.FAIL, reason=f"returned {values}, not finite")

@@ -18,7 +18,7 @@ class OptunaSweeperConf:
     # null: a journal file `optuna.journal` in hydra.sweep.dir; or a file path (journal), or an
     # RDB URL such as sqlite:///path/study.db
     storage: str | None = None
-    # maximize | minimize, or a list of them for a multi-objective study (the task returns a tuple)
+    # maximize | minimize, or a list of them for a multi-objective study (the job returns a tuple)
     direction: Any = "maximize"
     # finished (complete or pruned) trials the study ends with, counting earlier sessions
     n_trials: int = 20

@@ -1,6 +1,6 @@
 """The embedded demo data: a Criteo-like CTR set drawn from a planted FM, written once as Parquet.
 
-`python -m recsys.demo_data [--out DIR] [--rows N ...]` writes a set and prints its oracle figures.
+`python -m recsys.demo.ctr [--out DIR] [--rows N ...]` writes a set and prints its oracle figures.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.orc as orc
 import pyarrow.parquet as pq
 
-from recsys import interactions_demo
 from recsys.config import demo_dir
+from recsys.demo import interactions
 from recsys.metrics import binary_auc
 
 SPLITS = ("train", "validation", "test")
@@ -256,9 +256,7 @@ DEMOS = {
             rows={"train": 1_000_000, "validation": 100_000, "test": 100_000}, layout="recis_orc"
         ),
     ),
-    interactions_demo.NAME: partial(
-        interactions_demo.generate, spec=interactions_demo.InteractionSpec()
-    ),
+    interactions.NAME: partial(interactions.generate, spec=interactions.InteractionSpec()),
 }
 
 

@@ -21,12 +21,12 @@ import numpy as np
 import pyarrow as pa
 from torchrec.datasets.utils import Batch
 
-from recsys import vocabulary
-from recsys.batches import BatchConverter, DataQuality, Padding, check_ranges, check_schema
 from recsys.config import DataConfig, FileFormat
+from recsys.data import vocabulary
+from recsys.data.batches import BatchConverter, DataQuality, Padding, check_ranges, check_schema
+from recsys.data.features import FeatureSpec
+from recsys.data.sources import Piece, s3_error, split_pieces
 from recsys.errors import DataError
-from recsys.features import FeatureSpec
-from recsys.sources import Piece, s3_error, split_pieces
 
 T = TypeVar("T")
 WINDOW_BATCHES = 8  # rows converted together: per-column work is paid once per window

@@ -3,7 +3,7 @@
 Preferences are planted: user and item vectors built from their features (segment, interests;
 category, tags) plus an idiosyncratic part, and item popularity. An interaction picks an item
 with probability softmax(sharpness * <user, item> + log popularity); a share of the rows are
-skipped impressions (label 0) of popular items. `python -m recsys.interactions_demo [--out DIR]`
+skipped impressions (label 0) of popular items. `python -m recsys.demo.interactions [--out DIR]`
 writes a set and prints the planted model's and the popularity ranking's recall@k.
 """
 

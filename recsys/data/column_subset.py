@@ -8,7 +8,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from recsys.config import DataConfig
-from recsys.features import FeatureSpec
+from recsys.data.features import FeatureSpec
 
 
 def only_columns(data: DataConfig, columns: list[str]) -> DataConfig:

@@ -13,10 +13,10 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys.config import OovPolicy, Task
+from recsys.config import LabelKind, OovPolicy
+from recsys.data.features import FeatureSpec
 from recsys.errors import DataError
 from recsys.exported import InputError, dense_values, hash_strings, is_list, is_string
-from recsys.features import FeatureSpec
 
 
 def _role(spec: FeatureSpec, column: str) -> str:
@@ -68,7 +68,7 @@ def _stats_range(meta: pq.FileMetaData, column: str) -> tuple[float, float] | No
 
 def check_ranges(source: str, meta: pq.FileMetaData, spec: FeatureSpec, oov: OovPolicy) -> None:
     """Labels that are not 0/1 and, under oov=error, ids past a table, from footer statistics."""
-    if spec.task is Task.binary:
+    if spec.label_kind is LabelKind.binary:
         r = _stats_range(meta, spec.label)
         if r and (r[0] < 0 or r[1] > 1):
             bad = r[0] if r[0] < 0 else r[1]
@@ -248,13 +248,13 @@ class BatchConverter:
 
     def _check_labels(self, y: np.ndarray, source: str) -> None:
         bad = np.isnan(y)
-        if self.spec.task is Task.binary:
+        if self.spec.label_kind is LabelKind.binary:
             bad |= (y != 0) & (y != 1)
         if bad.any():
             value = y[bad][0]
             fix = (
                 "binary labels must be 0 or 1: fix the data, or set data.task=regression"
-                if self.spec.task is Task.binary
+                if self.spec.label_kind is LabelKind.binary
                 else "labels must not be null: drop those rows or fill them"
             )
             raise DataError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from recsys.config import DataConfig, Task
+from recsys.config import DataConfig, LabelKind
 
 
 @dataclass(frozen=True)
@@ -12,7 +12,7 @@ class FeatureSpec:
     """Column roles and table sizes; saved with every exported model."""
 
     label: str
-    task: Task
+    label_kind: LabelKind
     dense: tuple[str, ...]
     categorical: tuple[tuple[str, int], ...]
 
@@ -36,14 +36,16 @@ class FeatureSpec:
         """The same label with just these dense and categorical columns, in this spec's order."""
         dense = tuple(c for c in self.dense if c in columns)
         categorical = tuple((c, rows) for c, rows in self.categorical if c in columns)
-        return FeatureSpec(self.label, self.task, dense, categorical)
+        return FeatureSpec(self.label, self.label_kind, dense, categorical)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["task"] = self.task.value
+        d["task"] = self.label_kind.value  # the key model.pt files have
         d["categorical"] = dict(self.categorical)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> FeatureSpec:
-        return cls(d["label"], Task(d["task"]), tuple(d["dense"]), tuple(d["categorical"].items()))
+        return cls(
+            d["label"], LabelKind(d["task"]), tuple(d["dense"]), tuple(d["categorical"].items())
+        )

@@ -1,0 +1,1 @@
+"""The embedded demo data sets: ctr (a Criteo-like CTR set) and interactions (for two-tower)."""
