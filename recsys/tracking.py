@@ -57,9 +57,10 @@ def masked_uri(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def uri_secrets(uri: str | None) -> list[str]:
-    """The credential in a URI (user:password@), for masking in Hydra's record."""
-    return [urlsplit(uri).password] if uri and urlsplit(uri).password else []
+def scrubbed(text: str, uri: str) -> str:
+    """Text (an error message) with the URI's password masked wherever it appears."""
+    password = urlsplit(uri).password
+    return text.replace(password, MASK) if password else text
 
 
 def absolute_uri(uri: str, base: Path | None = None) -> str:
@@ -77,6 +78,8 @@ def _client(uri: str, timeout_s: float = 10.0) -> Any:
     """An MlflowClient that gives up on a lost server at once instead of retrying for minutes."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(max(1, timeout_s)))
+    if urlsplit(uri).password:  # MLflow prints run URLs, credentials included
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     try:
         from mlflow import MlflowClient
     except ImportError:
@@ -92,7 +95,8 @@ def connect(uri: str, timeout_s: float = 10.0) -> Any:
     shown = masked_uri(uri)
     if uri.startswith(("http://", "https://")):
         try:
-            with urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            health = urlunsplit(urlsplit(uri)._replace(netloc=urlsplit(uri).netloc.split("@")[-1]))
+            with urlopen(health.rstrip("/") + "/health", timeout=timeout_s) as response:
                 response.read()
         except OSError as e:
             reason = getattr(e, "reason", None) or e
@@ -316,7 +320,8 @@ class MLflowLogger:
         return masked_uri(self.uri)
 
     def _give_up(self, error: Exception, when: str, raise_if_required: bool = False) -> None:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        first = scrubbed((str(error).strip().splitlines() or [type(error).__name__])[0], self.uri)
+        first = first[:200]
         if raise_if_required and self.settings.required:
             raise TrackingError(
                 f"the MLflow store {self.shown} failed {when} ({first}): fix "
@@ -442,6 +447,12 @@ class StudyRun:
 
     def close(self, study: Any, failed: bool) -> None:
         """Trial counts and the best value on the parent; trials that died unlogged failed."""
+        try:
+            self._close(study, failed)
+        except Exception as e:  # a lost server must not fail the sweep
+            log.warning("the study's MLflow run %s was not closed: %s", self.run_id, e)
+
+    def _close(self, study: Any, failed: bool) -> None:
         from collections import Counter
 
         from optuna.trial import TrialState
