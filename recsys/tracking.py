@@ -277,8 +277,6 @@ class MLflowLogger:
     """One MLflow run per training run; a lost server is given up on, the run dir keeps all."""
 
     def __init__(self, settings: MLflowConfig, cfg: DictConfig, run_dir: Path, resumed: bool):
-        from mlflow.entities import Param
-
         self.settings, self.run_dir = settings, run_dir
         self.uri = absolute_uri(settings.tracking_uri, _launch_dir())
         self.record = RunRecord(run_dir)
@@ -286,24 +284,7 @@ class MLflowLogger:
         self.run_id: str | None = None
         try:
             self.client = connect(self.uri, settings.timeout_s)
-            exp = experiment_id(self.client, settings.experiment, settings.artifact_location,
-                                self.uri)  # fmt: skip
-            earlier = self.record.info()
-            if resumed and earlier.get("run_id") and earlier.get("tracking_uri") == self.shown:
-                self.run_id = earlier["run_id"]
-                self.client.update_run(self.run_id, status="RUNNING")
-            else:
-                import torch.distributed as dist
-
-                ranks = dist.get_world_size() if dist.is_initialized() else 1
-                tags = run_tags(cfg, run_dir, ranks)
-                self.run_id = self.client.create_run(exp, tags=tags).info.run_id
-                params = [Param(k, str(v)[:6000]) for k, v in flatten(masked_config(cfg)).items()]
-                for batch in _batches(params, 100):
-                    self.client.log_batch(self.run_id, params=batch)
-                self.record.save(tags=tags)
-            self.record.save(run_id=self.run_id, tracking_uri=self.shown,
-                             experiment=settings.experiment)  # fmt: skip
+            self.run_id = self._start_run(cfg, resumed)
         except TrackingError as e:
             if settings.required:
                 raise
@@ -314,6 +295,26 @@ class MLflowLogger:
         else:
             log.info("MLflow run %s in %s (experiment %s)", self.run_id, self.shown,
                      settings.experiment)  # fmt: skip
+
+    def _start_run(self, cfg: DictConfig, resumed: bool) -> str:
+        """A new MLflow run with the config's params and the run's tags, or a resumed one's."""
+        import torch.distributed as dist
+        from mlflow.entities import Param
+
+        settings, client, earlier = self.settings, self.client, self.record.info()
+        if resumed and earlier.get("run_id") and earlier.get("tracking_uri") == self.shown:
+            client.update_run(earlier["run_id"], status="RUNNING")
+            return earlier["run_id"]
+        exp = experiment_id(client, settings.experiment, settings.artifact_location, self.uri)
+        ranks = dist.get_world_size() if dist.is_initialized() else 1
+        tags = run_tags(cfg, self.run_dir, ranks)
+        run_id = client.create_run(exp, tags=tags).info.run_id
+        params = [Param(k, str(v)[:6000]) for k, v in flatten(masked_config(cfg)).items()]
+        for batch in _batches(params, 100):
+            client.log_batch(run_id, params=batch)
+        self.record.save(tags=tags, run_id=run_id, tracking_uri=self.shown,
+                         experiment=settings.experiment)  # fmt: skip
+        return run_id
 
     @property
     def shown(self) -> str:
