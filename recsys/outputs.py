@@ -53,8 +53,10 @@ def write_dir_atomic(path: Path, fill: Any) -> Any:
 
 
 def set_aside_earlier_run(run_dir: Path) -> Path | None:
-    """Move an earlier run's checkpoints and TensorBoard files out of a fresh run's way."""
-    earlier = [p for p in [run_dir / "checkpoints", *run_dir.glob("events.out.*")] if p.exists()]
+    """Move an earlier run's checkpoints, TensorBoard files and MLflow record out of a fresh
+    run's way."""
+    kept = [run_dir / "checkpoints", run_dir / "mlflow", *run_dir.glob("events.out.*")]
+    earlier = [p for p in kept if p.exists()]
     if not earlier:
         return None
     aside = run_dir / "earlier" / time.strftime("%Y%m%d-%H%M%S")

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from recsys.config import cache_root
 from recsys.errors import ConfigError, RecsysError, exit_on_user_error
-from recsys.outputs import MASK, flatten, format_table, write_dir_atomic
+from recsys.outputs import MASK, format_table, write_dir_atomic
 from recsys.tracking import (
     ARTIFACTS,
     RunRecord,
@@ -33,7 +33,7 @@ from recsys.tracking import (
     connect,
     default_uri,
     experiment_id,
-    masked_config,
+    log_params,
     masked_uri,
     upload,
 )
@@ -78,7 +78,7 @@ def _exists(client: Any, run_id: str | None) -> bool:
 def sync(run: str, tracking_uri: str | None = None) -> str:
     """Upload a run dir's record (params, every kept metric, final metrics, artifacts) to the
     store, creating the run there if it is missing; what is already there is not repeated."""
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric
 
     run_dir = _run_dir(run)
     record = RunRecord(run_dir)
@@ -100,9 +100,7 @@ def sync(run: str, tracking_uri: str | None = None) -> str:
                                     "mlflow.runName": run_dir.name,
                                     "data.path": str(config["data"]["path"])}  # fmt: skip
         run_id = client.create_run(exp, tags=tags).info.run_id
-        params = [Param(k, str(v)[:6000]) for k, v in flatten(masked_config(config)).items()]
-        for i in range(0, len(params), 100):
-            client.log_batch(run_id, params=params[i : i + 100])
+        log_params(client, run_id, config)
         log.info("created MLflow run %s for %s in %s", run_id, run_dir, masked_uri(uri))
     kept = record.metrics()
     known: dict[str, set] = defaultdict(set)
@@ -112,7 +110,9 @@ def sync(run: str, tracking_uri: str | None = None) -> str:
                if (m["step"], m["value"]) not in known[m["key"]]]  # fmt: skip
     for i in range(0, len(missing), 1000):
         client.log_batch(run_id, metrics=missing[i : i + 1000])
-    upload(client, run_id, run_dir, info.get("state", "complete"), skip_existing=True)
+    # a run dir without a state or metrics.json is of a run that died before its end
+    state = info.get("state") or ("complete" if (run_dir / "metrics.json").exists() else "failed")
+    upload(client, run_id, run_dir, state, skip_existing=True)
     record.save(run_id=run_id, tracking_uri=masked_uri(uri), synced=True)
     log.info("synced %s to MLflow run %s in %s: %d metric values uploaded", run_dir, run_id,
              masked_uri(uri), len(missing))  # fmt: skip

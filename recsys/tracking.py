@@ -219,6 +219,15 @@ def _batches(items: list, size: int) -> Iterator[list]:
         yield items[i : i + size]
 
 
+def log_params(client: Any, run_id: str, config: DictConfig | dict) -> None:
+    """The flattened resolved config, credentials masked, as the run's params."""
+    from mlflow.entities import Param
+
+    params = [Param(k, str(v)[:6000]) for k, v in flatten(masked_config(config)).items()]
+    for batch in _batches(params, 100):
+        client.log_batch(run_id, params=batch)
+
+
 def upload(
     client: Any,
     run_id: str,
@@ -299,7 +308,6 @@ class MLflowLogger:
     def _start_run(self, cfg: DictConfig, resumed: bool) -> str:
         """A new MLflow run with the config's params and the run's tags, or a resumed one's."""
         import torch.distributed as dist
-        from mlflow.entities import Param
 
         settings, client, earlier = self.settings, self.client, self.record.info()
         if resumed and earlier.get("run_id") and earlier.get("tracking_uri") == self.shown:
@@ -309,9 +317,7 @@ class MLflowLogger:
         ranks = dist.get_world_size() if dist.is_initialized() else 1
         tags = run_tags(cfg, self.run_dir, ranks)
         run_id = client.create_run(exp, tags=tags).info.run_id
-        params = [Param(k, str(v)[:6000]) for k, v in flatten(masked_config(cfg)).items()]
-        for batch in _batches(params, 100):
-            client.log_batch(run_id, params=batch)
+        log_params(client, run_id, cfg)
         self.record.save(tags=tags, run_id=run_id, tracking_uri=self.shown,
                          experiment=settings.experiment)  # fmt: skip
         return run_id
