@@ -496,6 +496,39 @@ class TrainerConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    """TensorBoard event files in the run dir (`logger=tensorboard`, the default)."""
+
+    hparams: bool = True  # the run's hyper-parameters with its final metrics (HParams tab)
+
+
+@dataclass
+class MLflowConfig:
+    """An MLflow tracking store: runs, their params, metrics and artifacts (`logger=mlflow`)."""
+
+    # sqlite:///file.db (relative to the launch directory), http(s)://host:port, ...
+    tracking_uri: str = "sqlite:///mlruns.db"
+    experiment: str = "recsys"
+    # true: an unreachable store stops the run before training; false: warn and train
+    required: bool = True
+    # where a new experiment keeps artifacts; null: beside a sqlite file, else the server's
+    artifact_location: str | None = None
+    log_model: bool = True  # upload model.pt (and an export/ dir in the run dir) as artifacts
+    timeout_s: float = 10.0  # of each request; a lost server is given up on, never waited for
+
+    def __post_init__(self) -> None:
+        _positive("logger.mlflow.timeout_s", self.timeout_s)
+
+
+@dataclass
+class LoggerConfig:
+    """Where a run's curves and results go: any of TensorBoard and MLflow (`logger=[a,b]`)."""
+
+    tensorboard: TensorBoardConfig | None = None
+    mlflow: MLflowConfig | None = None
+
+
+@dataclass
 class TrainConfig:
     """The root config of `python -m recsys.train`."""
 
@@ -503,6 +536,7 @@ class TrainConfig:
     data: DataConfig = MISSING
     trainer: TrainerConfig = MISSING
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     name: str | None = None
     # a validation metric, a run measure (parameters, samples_per_s), or a list of them for a
@@ -527,10 +561,12 @@ class Embeddings(Enum):
 class RunInputConfig:
     """A finished run and the data to run it on."""
 
-    run: str = MISSING  # a run dir of `recsys.train`
+    # a run dir of `recsys.train`, or a registered model: models:/<name>@<alias>, models:/<name>/<n>
+    run: str = MISSING
     data: DataConfig | None = None  # null: the run's own data config
     split: Split = Split.test
     threads: int | None = None
+    tracking_uri: str | None = None  # of models:/ names; null: $MLFLOW_TRACKING_URI or ./mlruns.db
 
     def __post_init__(self) -> None:
         _positive("threads", self.threads)
@@ -619,10 +655,14 @@ class RecommendConfig(RunInputConfig):
         _positive("recall_sample", self.recall_sample, allow_zero=True)
 
 
+def cache_root() -> Path:
+    """Where generated demo data and downloaded registry models are kept ($RECSYS_CACHE)."""
+    return Path(os.environ.get("RECSYS_CACHE") or Path.home() / ".cache" / "recsys")
+
+
 def demo_dir(name: str = "ctr-v1") -> str:
     """Where an embedded demo data set is generated (once) and cached."""
-    root = os.environ.get("RECSYS_CACHE") or Path.home() / ".cache" / "recsys"
-    return str(Path(root) / "demo" / name)
+    return str(cache_root() / "demo" / name)
 
 
 def register() -> None:

@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from hydra.utils import instantiate
@@ -53,8 +54,10 @@ def write_dir_atomic(path: Path, fill: Any) -> Any:
 
 
 def set_aside_earlier_run(run_dir: Path) -> Path | None:
-    """Move an earlier run's checkpoints and TensorBoard files out of a fresh run's way."""
-    earlier = [p for p in [run_dir / "checkpoints", *run_dir.glob("events.out.*")] if p.exists()]
+    """Move an earlier run's checkpoints, TensorBoard files and MLflow record out of a fresh
+    run's way."""
+    kept = [run_dir / "checkpoints", run_dir / "mlflow", *run_dir.glob("events.out.*")]
+    earlier = [p for p in kept if p.exists()]
     if not earlier:
         return None
     aside = run_dir / "earlier" / time.strftime("%Y%m%d-%H%M%S")
@@ -79,7 +82,9 @@ MASK = "***"  # what a credential is written as
 def secrets(cfg: DictConfig) -> list[str]:
     """Credential values in the config, which must never reach a file or a log."""
     s3 = cfg.data.get("s3") or {}
-    return [str(s3[k]) for k in SECRET_KEYS if s3.get(k)]
+    uri = OmegaConf.select(cfg, "logger.mlflow.tracking_uri", default=None)
+    password = urlsplit(uri).password if uri else None  # http://user:password@host
+    return [str(s3[k]) for k in SECRET_KEYS if s3.get(k)] + ([password] if password else [])
 
 
 def mask_secrets(data: Any) -> None:
@@ -102,7 +107,10 @@ def save_config(run_dir: Path, cfg: DictConfig) -> None:
     """The fully resolved config, as this run saw it, credentials masked."""
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     mask_secrets(container["data"])
-    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(container)))
+    text = OmegaConf.to_yaml(OmegaConf.create(container))
+    for value in secrets(cfg):
+        text = text.replace(value, MASK)
+    write_text(run_dir / "config.yaml", text)
 
 
 def mask_in_files(folder: Path, values: list[str]) -> None:
@@ -153,24 +161,25 @@ def load_model(run_dir: str | Path) -> tuple[nn.Module, FeatureSpec]:
     return model.eval(), spec
 
 
+def flatten(node: Any, prefix: str = "") -> dict[str, int | float | str | bool]:
+    """A nested config container as dotted keys to scalars (lists and null as text)."""
+    out: dict[str, int | float | str | bool] = {}
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out |= flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(node, int | float | str | bool):
+        out[prefix] = node
+    else:
+        out[prefix] = "null" if node is None else str(node)
+    return out
+
+
 def flat_hparams(cfg: DictConfig) -> dict[str, int | float | str | bool]:
     """Scalar hyper-parameters for TensorBoard's HParams view."""
     out: dict[str, int | float | str | bool] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        elif isinstance(node, int | float | str | bool):
-            out[prefix] = node
-        elif node is None:
-            out[prefix] = "null"
-        else:
-            out[prefix] = str(node)
-
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     for section in ("model", "trainer"):
-        walk(section, container[section])
+        out |= flatten(container[section], section)
     data = container["data"]
     for key in ("path", "batch_size", "label", "task"):
         out[f"data.{key}"] = str(data[key]) if not isinstance(data[key], int) else data[key]

@@ -72,7 +72,12 @@ def open_run(cfg: RunInputConfig, label: bool) -> tuple[Path, nn.Module, Feature
     quiet_torchrec()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run_dir = Path(cfg.run).expanduser()
+    if cfg.run.startswith("models:/"):
+        from recsys.registry import resolve_run  # MLflow only where a registry name is given
+
+        run_dir = resolve_run(cfg.run, cfg.tracking_uri)
+    else:
+        run_dir = Path(cfg.run).expanduser()
     model, spec = load_model(run_dir)
     data = cfg.data or saved_data(run_dir)
     ensure_demo(data.path)

@@ -18,7 +18,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.tensorboard import SummaryWriter
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from recsys import checkpoint
@@ -50,7 +49,6 @@ from recsys.objectives import (
     sweep_result,
 )
 from recsys.outputs import (
-    flat_hparams,
     mask_in_files,
     save_config,
     save_model,
@@ -62,6 +60,7 @@ from recsys.outputs import (
 )
 from recsys.preemption import EXIT_PREEMPTED, Preempted, Preemption
 from recsys.tasks import task_for
+from recsys.tracking import Loggers, TrackingError, open_loggers
 from recsys.trainer import Checkpointing, Trainer, TrainingState
 
 log = logging.getLogger("recsys")
@@ -131,17 +130,19 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         setup.trainer.dense_optimizer,
         setup.description,
     )
-    writer = start_run_dir(cfg, run_dir, restored, setup)
-    setup.trainer.writer = writer
+    loggers = start_run_dir(cfg, typed, run_dir, restored, setup)
+    setup.trainer.writer = loggers
     log_start(typed.data, splits.train, setup, device)
-    with setup.trainer.checkpointing.preemption:
-        state = setup.trainer.fit(
-            splits.train, splits.validation, pruning_callback(setup.objectives[0]), restored
-        )
-    metrics = metrics_record(state, setup, splits, time.perf_counter() - start)
-    weights = full_state_dict(setup.model)  # a collective: every rank takes part, rank 0 writes
-    if is_rank0():
-        write_outputs(cfg, run_dir, metrics, state, writer, splits.train.converter.spec, weights)
+    with loggers.ending_on_error(cfg):
+        with setup.trainer.checkpointing.preemption:
+            state = setup.trainer.fit(
+                splits.train, splits.validation, pruning_callback(setup.objectives[0]), restored
+            )
+        metrics = metrics_record(state, setup, splits, time.perf_counter() - start)
+        weights = full_state_dict(setup.model)  # a collective: every rank takes part
+        if is_rank0():
+            spec = splits.train.converter.spec
+            write_outputs(cfg, run_dir, metrics, state, loggers, spec, weights)
     return sweep_result(metrics)
 
 
@@ -209,21 +210,29 @@ def build(
 
 
 def start_run_dir(
-    cfg: DictConfig, run_dir: Path, restored: Restored | None, setup: Setup
-) -> SummaryWriter | None:
-    """On rank 0: the earlier run set aside (when starting over), TensorBoard's writer, the
-    config and the sharding plan."""
-    if not is_rank0():
-        return None
-    if restored is None and (aside := set_aside_earlier_run(run_dir)):
-        log.warning("starting over: the earlier run's checkpoints and TensorBoard files in "
-                    "this run dir were moved to %s", aside)  # fmt: skip
-    # a resumed run's curves go on from its checkpoint, hiding what came after it before
-    step = restored.manifest["step"] if restored else None
-    writer = SummaryWriter(log_dir=str(run_dir), purge_step=step)
-    save_config(run_dir, cfg)
-    write_text(run_dir / "sharding_plan.txt", str(setup.model.plan).strip() + "\n")
-    return writer
+    cfg: DictConfig,
+    typed: schema.TrainConfig,
+    run_dir: Path,
+    restored: Restored | None,
+    setup: Setup,
+) -> Loggers:
+    """On rank 0: the earlier run set aside (when starting over), the config, the sharding plan
+    and the loggers (TensorBoard, MLflow); an unreachable tracking store stops every rank."""
+    loggers, error = Loggers([]), ""
+    if is_rank0():
+        if restored is None and (aside := set_aside_earlier_run(run_dir)):
+            log.warning("starting over: the earlier run's checkpoints and TensorBoard files in "
+                        "this run dir were moved to %s", aside)  # fmt: skip
+        save_config(run_dir, cfg)
+        write_text(run_dir / "sharding_plan.txt", str(setup.model.plan).strip() + "\n")
+        step = restored.manifest["step"] if restored else None
+        try:
+            loggers = open_loggers(typed.logger, cfg, run_dir, step)
+        except TrackingError as e:
+            error = str(e)
+    if error := agree(error):
+        raise TrackingError(error)
+    return loggers
 
 
 def log_start(
@@ -286,18 +295,14 @@ def write_outputs(
     run_dir: Path,
     metrics: dict,
     state: TrainingState,
-    writer: SummaryWriter,
+    loggers: Loggers,
     spec: FeatureSpec,
     weights: dict,
 ) -> None:
-    """metrics.json, model.pt, TensorBoard's hparams, and the summary in the log."""
+    """metrics.json, model.pt, the loggers' final record, and the summary in the log."""
     write_json(run_dir / "metrics.json", metrics)
     model_path = save_model(run_dir, cfg.model, spec, weights)
-    final = {f"validation/{k}": v for k, v in metrics["validation"].items()}
-    final |= {f"test/{k}": v for k, v in metrics["test"].items()}
-    final["train/samples_per_s"] = state.samples_per_s
-    writer.add_hparams(flat_hparams(cfg), final, run_name=".", global_step=state.steps)
-    writer.close()
+    loggers.finish(cfg, metrics, metrics["status"], state.steps)
     rows = summary_rows(metrics, state) + [("run dir", str(run_dir)), ("model", str(model_path))]
     log.info("summary\n%s", summary_table(rows))
 

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 from torchrec.datasets.utils import Batch
 from tqdm import tqdm
 
@@ -33,6 +32,7 @@ from recsys.metrics import higher_is_better
 from recsys.preemption import Preemption
 from recsys.sparse_adam import PROBE_LR
 from recsys.tasks import TrainingTask, evaluate
+from recsys.tracking import RunLogger
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ class Trainer:
         cfg: TrainerConfig,
         task: TrainingTask,
         device: torch.device,
-        writer: SummaryWriter | None,
+        writer: RunLogger | None,
         monitor: str,
         checkpointing: Checkpointing | None = None,
     ):
@@ -513,4 +513,4 @@ class Trainer:
 
     def _scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None:
-            self.writer.add_scalar(tag, value, step)
+            self.writer.scalar(tag, value, step)

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
+from recsys.errors import RecsysError
 from recsys.sweep_trial import job_overrides
 
 from ._results import shown, write_results
@@ -159,6 +160,40 @@ def run_study(
     study = _open_study(settings, spec, directions)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(config, sweep_dir / "multirun.yaml")
+    tracked = _tracked(config, study, sweep_dir)
+    try:
+        _run_trials(settings, study, space, sweep_dir, spec, launcher, directions)
+    except BaseException:
+        if tracked is not None:
+            tracked.close(study, failed=True)
+        raise
+    if tracked is not None:
+        tracked.close(study, failed=False)
+    return study
+
+
+def _tracked(config: DictConfig, study: optuna.Study, sweep_dir: Path) -> Any:
+    """The study's parent run in MLflow when the trials log there (logger=mlflow), else None."""
+    if OmegaConf.select(config, "logger.mlflow") is None:
+        return None
+    from recsys.tracking import StudyRun
+
+    try:
+        return StudyRun.open(config, study, sweep_dir)
+    except RecsysError as e:
+        raise SweepError(str(e)) from None
+
+
+def _run_trials(
+    settings: OptunaSweeperConf,
+    study: optuna.Study,
+    space: SearchSpace,
+    sweep_dir: Path,
+    spec: str,
+    launcher: Launcher,
+    directions: list[str],
+) -> None:
+    """Launch batches of trials until n_trials have finished, telling the study each outcome."""
     n_trials, failures = settings.n_trials, 0
     log.info(
         "study %r (%s): %d of %d trials finished; storage %s (view: %s)",
@@ -207,7 +242,6 @@ def run_study(
         log.info("the sampler has tried every point of the search space")
     log.info(write_results(study, space, sweep_dir, spec))
     log.info("study stored in %s; view it with: %s", spec, dashboard(spec))
-    return study
 
 
 def dashboard(spec: str) -> str:
