@@ -133,8 +133,9 @@ def test_a_position_of_another_layout_skips_what_the_schedule_drew(tmp_path):
 def test_a_source_without_rows_or_a_column_is_named(tmp_path):
     data = tiny_mix(tmp_path, "round_robin")
     data.sources["b"].filter = "x < 0"
-    with pytest.raises(DataError, match=r"^source b: the filters leave no rows in .*/b"):
+    with pytest.raises(DataError, match=r"^source b: the filters leave no rows in .*/b") as e:
         open_mix(data, {}, None, seed=0)
+    assert "check data.sources.b.filter / data.sources.b.train.filter" in str(e.value)
     c = write_source(tmp_path / "c", 8, 0, a=np.zeros(8))  # ids as floats
     sources = {"a": train_only(str(tmp_path / "a")), "c": train_only(c)}
     data = config(tmp_path / "a", sources=sources)

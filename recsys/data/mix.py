@@ -227,8 +227,11 @@ def open_sources(data: DataConfig, split: str, quality: dict[str, DataQuality], 
         try:
             reader = open_split(source, split, quality.setdefault(key, DataQuality()), train,
                                 **kwargs)  # fmt: skip
-        except RecsysError as e:
-            raise type(e)(f"source {name}: {e}") from None
+        except RecsysError as e:  # the keys to fix are the source's
+            text = str(e)
+            for key in ("data.path", "data.filter", f"data.{split}."):
+                text = text.replace(key, key.replace("data.", f"data.sources.{name}.", 1))
+            raise type(e)(f"source {name}: {text}") from None
         if not len(reader):
             raise DataError(
                 f"source {name}: {reader.num_rows} rows of {source.path} (split {split}) make "
