@@ -57,6 +57,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# the same rows as two sources (even and odd files) mixed round-robin: what mixing costs
+MIX = ["data=mix", "data.sources.web.path=${data.path}", "data.sources.app.path=${data.path}",
+       "data.sources.web.train.paths=['train/part-*[02468].parquet']",
+       "data.sources.app.train.paths=['train/part-*[13579].parquet']",
+       *(f"data.sources.{s}.{split}=null" for s in ("web", "app") for split in ("validation",
+         "test"))]  # fmt: skip
 # variant -> (trainer, model, extra recsys overrides)
 TABLES = "trainer.sparse_optimizer"
 VARIANTS = {
@@ -69,6 +75,7 @@ VARIANTS = {
     "recsys deepfm, tables sgd": ("recsys", "deepfm", [f"{TABLES}.type=sgd", f"{TABLES}.lr=0.05"]),
     "floor fm": ("floor", "fm", []),
     "recsys fm": ("recsys", "fm", []),
+    "recsys fm, 2-source mix": ("recsys", "fm", MIX),
 }  # fmt: skip
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import os
@@ -98,6 +99,105 @@ class S3Config:
         _positive("data.s3.max_attempts", self.max_attempts)
 
 
+class MixStrategy(Enum):
+    """Which source each step of a mixed epoch draws its batch from."""
+
+    sequential = "sequential"  # each source in turn, whole (pre-train, then fine-tune)
+    round_robin = "round_robin"  # one batch from each in turn
+    weighted = "weighted"  # each batch from a source drawn with `weights`, seeded
+    alternating = "alternating"  # `pattern` of source indices, each repeated `burst` times
+
+
+@dataclass
+class SourceConfig:
+    """One train source of a mix: its files, filters and splits; null fields take data.*'s."""
+
+    path: str = MISSING
+    format: FileFormat | None = None
+    hive_partitioning: bool | None = None
+    filter: str | None = None
+    train: SplitConfig = field(default_factory=lambda: SplitConfig(["train"]))
+    validation: SplitConfig | None = field(default_factory=lambda: SplitConfig(["validation"]))
+    test: SplitConfig | None = field(default_factory=lambda: SplitConfig(["test"]))
+    weight: float = 1.0  # the loss of this source's batches is multiplied by it
+
+
+@dataclass
+class MixConfig:
+    """How the sources of `data.sources` are mixed into one train epoch."""
+
+    strategy: MixStrategy = MixStrategy.round_robin
+    # steps per epoch: sum | shortest | longest (of the sources' batches) | a number of steps
+    epoch: str = "sum"
+    weights: list[float] | None = None  # weighted: one per source, in data.sources order
+    pattern: list[int] | None = None  # alternating: source indices, e.g. [0, 0, 1]
+    burst: int = 1  # alternating: batches in a row for each pattern entry
+    validation: str = "micro"  # the aggregate validation metric: micro | macro | <source name>
+
+    def __post_init__(self) -> None:
+        _positive("data.mix.burst", self.burst)
+        if self.epoch not in ("sum", "shortest", "longest") and not (
+            str(self.epoch).isdigit() and int(self.epoch) > 0
+        ):
+            raise ConfigError(
+                f"data.mix.epoch={self.epoch} is not sum, shortest, longest or a step count > 0"
+            )
+        weights = self.weights
+        if weights is not None and (any(w < 0 for w in weights) or not any(weights)):
+            raise ConfigError(
+                f"data.mix.weights={list(weights)}: weights must be >= 0 and one at least > 0, "
+                "e.g. [0.7,0.3]"
+            )
+
+    def check(self, sources: list[str]) -> None:
+        """The settings that depend on the sources: one weight each, pattern indices, names."""
+        n = len(sources)
+        if self.strategy is MixStrategy.weighted and len(self.weights or []) != n:
+            raise ConfigError(
+                f"data.mix.strategy=weighted needs data.mix.weights with one weight per source "
+                f"({n}: {', '.join(sources)}), e.g. [{','.join(['1'] * n)}]"
+            )
+        if self.strategy is MixStrategy.alternating:
+            if not self.pattern:
+                raise ConfigError(
+                    "data.mix.strategy=alternating needs data.mix.pattern: source indices, "
+                    "e.g. [0,0,1]"
+                )
+            past = [i for i in self.pattern if not 0 <= i < n]
+            if past:
+                raise ConfigError(
+                    f"data.mix.pattern={list(self.pattern)}: index {past[0]} is past the "
+                    f"{n} sources ({', '.join(sources)}); use 0..{n - 1}"
+                )
+        if self.validation not in ("micro", "macro", *sources):
+            raise ConfigError(
+                f"data.mix.validation={self.validation} is not micro, macro or a source "
+                f"({', '.join(sources)})"
+            )
+
+
+def _source(name: str, given: Any) -> SourceConfig:
+    """One entry of data.sources, typed and checked."""
+    if isinstance(given, SourceConfig):
+        return given
+    known = [f.name for f in fields(SourceConfig)]
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"data.sources.{name}.{unknown[0]} is not a key of a source: use {', '.join(known)}"
+        )
+    if given.get("path") is None:
+        raise ConfigError(
+            f"data.sources.{name}.path is missing: give the source's directory or s3:// URI"
+        )
+    try:
+        typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SourceConfig), given))
+    except Exception as e:  # omegaconf's validation: a wrong type or enum value
+        raise ConfigError(f"data.sources.{name}: {str(e).splitlines()[0]}") from None
+    _positive(f"data.sources.{name}.weight", typed.weight, allow_zero=True)
+    return typed
+
+
 @dataclass
 class DataConfig:
     """Where the data is and how its columns map to features."""
@@ -127,8 +227,15 @@ class DataConfig:
     shuffle_buffer: int = 0
     drop_remainder: bool = False
     s3: S3Config = field(default_factory=S3Config)
+    # several train sources mixed into one run (empty: path and its splits, as one source)
+    # (typed as Any so that `+data.sources.<name>.path=...` can add one; SourceConfig each)
+    sources: dict[str, Any] = field(default_factory=dict)
+    mix: MixConfig = field(default_factory=MixConfig)
 
     def __post_init__(self) -> None:
+        self.sources = {name: _source(name, given) for name, given in self.sources.items()}
+        if self.sources:
+            self.mix.check(list(self.sources))
         _positive("data.batch_size", self.batch_size)
         _positive("data.eval_batch_size", self.eval_batch_size)
         _positive("data.read_threads", self.read_threads)
@@ -157,6 +264,16 @@ class DataConfig:
                     f"data.missing_id={self.missing_id} is past the table of {small[0]}: "
                     "use an id every table has, e.g. 0"
                 )
+
+    def of_source(self, name: str) -> DataConfig:
+        """This config with one source's location, format, filter and splits, for its readers."""
+        src = self.sources[name]
+        return dataclasses.replace(
+            self, path=src.path, format=src.format or self.format, filter=src.filter,
+            hive_partitioning=self.hive_partitioning if src.hive_partitioning is None
+            else src.hive_partitioning, train=src.train, validation=src.validation,
+            test=src.test, sources={},
+        )  # fmt: skip
 
     def split(self, name: str) -> SplitConfig | None:
         return {"train": self.train, "validation": self.validation, "test": self.test}[name]

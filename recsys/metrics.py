@@ -23,8 +23,9 @@ KIND_METRICS = {LabelKind.binary: ("auc", "logloss", "ne"), LabelKind.regression
 
 
 def higher_is_better(metric: str) -> bool:
-    """Whether a larger value of a metric is better; recall@k, ndcg@k go by their name."""
-    return HIGHER_IS_BETTER[metric.partition("@")[0]]
+    """Whether a larger value of a metric is better; recall@k, ndcg@k go by their name, and a
+    source's (`<source>/auc`) by its metric's."""
+    return HIGHER_IS_BETTER[metric.rpartition("/")[2].partition("@")[0]]
 
 
 def binary_auc(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -25,6 +25,7 @@ from recsys import config as schema
 from recsys.checkpoint import Restored
 from recsys.data.batches import DataQuality
 from recsys.data.features import FeatureSpec
+from recsys.data.mix import MixedReader, SourceEvaluation, open_mix
 from recsys.data.reader import SplitReader, open_split
 from recsys.demo.ctr import ensure_demo
 from recsys.distributed import (
@@ -99,10 +100,11 @@ def seed_everything(seed: int) -> None:
 class Splits:
     """Every rank's share of each split, and the repairs counted in the rows it uses."""
 
-    train: SplitReader
-    validation: SplitReader | None
-    test: SplitReader | None
-    quality: dict[str, DataQuality]  # trained on (every epoch), one pass of each evaluated split
+    train: SplitReader | MixedReader
+    validation: SplitReader | SourceEvaluation | None
+    test: SplitReader | SourceEvaluation | None
+    # trained on (every epoch), one pass of each evaluated split (of each source: "test/<name>")
+    quality: dict[str, DataQuality]
 
 
 @dataclass
@@ -159,7 +161,8 @@ def start_process(typed: schema.TrainConfig) -> torch.device:
     quiet_torchrec()
     if typed.trainer.threads:
         torch.set_num_threads(typed.trainer.threads)
-    ensure_demo(typed.data.path)
+    for path in [typed.data.path, *(s.path for s in typed.data.sources.values())]:
+        ensure_demo(path)
     seed_everything(typed.seed)
     device = resolve_device(typed.trainer.device)
     init_process_group(device)
@@ -172,6 +175,8 @@ def open_splits(typed: schema.TrainConfig) -> Splits:
     data, max_eval = typed.data, typed.trainer.max_eval_batches
     quality = {split: DataQuality() for split in ("train", "validation", "test")}
     shard_of = {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
+    if data.sources:
+        return Splits(*open_mix(data, quality, max_eval, typed.seed, **shard_of), quality)
     train = open_split(data, "train", quality["train"], train=True, seed=typed.seed, **shard_of)
     evaluated = {
         split: open_split(data, split, quality[split], False, max_eval, **shard_of)
@@ -193,10 +198,12 @@ def build(
     tcfg = typed.trainer
     model = instantiate(cfg.model, _partial_=True, _convert_="all")(features=spec, device="meta")
     task = task_for(model, typed.data, typed.retrieval)
-    objectives = objective_names(typed.objective, task.metrics)
+    # a mix's metrics: the aggregate by the plain names, and each source's as <source>/<metric>
+    metrics = task.metrics + tuple(f"{s}/{m}" for s in typed.data.sources for m in task.metrics)
+    objectives = objective_names(typed.objective, metrics)
     objective = next((n for n in objectives if n not in RUN_MEASURES), None)
     monitor = _metric(
-        tcfg.early_stopping.metric or objective, task.metrics, "trainer.early_stopping.metric"
+        tcfg.early_stopping.metric or objective, metrics, "trainer.early_stopping.metric"
     )
     description = checkpoint.describe(
         model, OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
@@ -236,16 +243,19 @@ def start_run_dir(
 
 
 def log_start(
-    data: schema.DataConfig, train: SplitReader, setup: Setup, device: torch.device
+    data: schema.DataConfig, train: SplitReader | MixedReader, setup: Setup, device: torch.device
 ) -> None:
     model = setup.model
     log.info("sharding plan: %s (in full: sharding_plan.txt)", plan_summary(model.plan))
     ranks = dist.get_world_size()
-    rows = sum(p.rows for share in train.shares for worker in share for p in worker)
+    readers = train.readers if isinstance(train, MixedReader) else [train]
+    rows = sum(p.rows for r in readers for share in r.shares for worker in share for p in worker)
+    if isinstance(train, MixedReader):
+        log.info("%s", train.describe())
     log.info(
         "training %s on %s: %s train rows%s, %d steps/epoch, batch %d%s, device %s",
         type(model.module).__name__,
-        data.path,
+        ", ".join(data.sources) if data.sources else data.path,
         f"{rows:,}",
         f" over {ranks} ranks" if ranks > 1 else "",
         len(train),
@@ -284,6 +294,7 @@ def metrics_record(state: TrainingState, setup: Setup, splits: Splits, wall: flo
             "evaluations": state.evaluations,
             "losses": state.losses,
             "preemptions": state.preemptions,
+            "sources": source_counts(state),
         },
         "wall_time_s": wall,
         "data_quality": quality,
@@ -307,6 +318,18 @@ def write_outputs(
     log.info("summary\n%s", summary_table(rows))
 
 
+def source_counts(state: TrainingState) -> dict[str, dict]:
+    """A mix's batches, samples and realised share of the steps, per source."""
+    return {
+        name: {
+            "batches": batches,
+            "samples": state.source_samples[name],
+            "proportion": batches / max(state.steps, 1),
+        }
+        for name, batches in state.source_batches.items()
+    }
+
+
 def summary_rows(metrics: dict, state: TrainingState) -> list[tuple[str, str]]:
     """The end-of-run summary: metrics, objectives, steps, speed, memory, time and repairs."""
     rows = [(f"validation {k}", f"{v:.4f}") for k, v in metrics["validation"].items()]
@@ -322,6 +345,13 @@ def summary_rows(metrics: dict, state: TrainingState) -> list[tuple[str, str]]:
             f"{state.steps} / {state.epochs}" + (" (early stop)" if state.stopped_early else ""),
         ),
         ("train samples/s", f"{state.samples_per_s:,.0f}"),
+        *(
+            (
+                f"source {name}",
+                f"{c['batches']:,} batches ({c['proportion']:.1%}), {c['samples']:,} samples",
+            )
+            for name, c in metrics["train"]["sources"].items()
+        ),
         ("peak RSS", f"{metrics['train']['peak_rss_mb']:,.0f} MB"),
         ("wall time", f"{metrics['wall_time_s']:.1f} s"),
     ]

@@ -25,6 +25,7 @@ from recsys import checkpoint
 from recsys.checkpoint import Restored
 from recsys.config import LrDecay, LrScheduleConfig, TrainerConfig
 from recsys.data.batches import DataQuality
+from recsys.data.mix import MixedReader, MixPosition, SourceEvaluation
 from recsys.data.reader import ReaderPosition, SplitReader
 from recsys.distributed import row_sparse_adam
 from recsys.errors import RecsysError
@@ -35,6 +36,7 @@ from recsys.tasks import TrainingTask, evaluate
 from recsys.tracking import RunLogger
 
 log = logging.getLogger(__name__)
+TrainData = SplitReader | MixedReader  # one train split, or several sources mixed (data.mix)
 
 
 def lr_factor(schedule: LrScheduleConfig, step: int, total_steps: int) -> float:
@@ -106,6 +108,8 @@ class TrainingState:
     evaluations: list[dict] = field(default_factory=list)
     losses: list[list[float]] = field(default_factory=list)  # [step, loss averaged over ranks]
     early_stopping: dict = field(default_factory=dict)  # EarlyStopping.progress()
+    source_batches: dict[str, int] = field(default_factory=dict)  # a mix's steps per source
+    source_samples: dict[str, int] = field(default_factory=dict)  # and its rows, all ranks
 
     @property
     def samples_per_s(self) -> float:
@@ -201,6 +205,8 @@ class LossLog:
         self.scalar("train/loss", loss, state.steps)
         self.scalar("train/lr", lr, state.steps)
         self.scalar("train/samples_per_s", rate, state.steps)
+        for name, batches in state.source_batches.items():  # a mix's realised proportions
+            self.scalar(f"mix/{name}/proportion", batches / state.steps, state.steps)
         if self.show_bar:
             self.bar.set_postfix(epoch=state.epoch + 1, loss=f"{loss:.4f}", sps=f"{rate:,.0f}")
         else:
@@ -215,7 +221,7 @@ class Evaluation:
     def __init__(
         self,
         trainer: Trainer,
-        validation: Iterable[Batch] | None,
+        validation: Iterable[Batch] | SourceEvaluation | None,
         stopper: EarlyStopping | None,
         on_evaluation: Callable[[int, dict[str, float]], bool] | None,
     ):
@@ -257,7 +263,7 @@ class CheckpointPolicy:
     """When to checkpoint (every N steps or minutes, or after a signal), what a checkpoint holds,
     and stopping the run after a signal's checkpoint."""
 
-    def __init__(self, trainer: Trainer, train: SplitReader, stopper: EarlyStopping | None):
+    def __init__(self, trainer: Trainer, train: TrainData, stopper: EarlyStopping | None):
         self.trainer, self.train, self.stopper = trainer, train, stopper
         self.ck, self.cfg = trainer.checkpointing, trainer.cfg.checkpoint
         self.last_save = time.monotonic()
@@ -311,7 +317,7 @@ class CheckpointPolicy:
 class _Run:
     """One call of `Trainer.fit`: its data, its state, and the policies around the step."""
 
-    train: SplitReader
+    train: TrainData
     total: int  # steps of the whole run
     state: TrainingState
     log: LossLog
@@ -373,8 +379,8 @@ class Trainer:
 
     def fit(
         self,
-        train: SplitReader,
-        validation: Iterable[Batch] | None,
+        train: TrainData,
+        validation: Iterable[Batch] | SourceEvaluation | None,
         on_evaluation: Callable[[int, dict[str, float]], bool] | None = None,
         restored: Restored | None = None,
     ) -> TrainingState:
@@ -430,8 +436,12 @@ class Trainer:
     def _step_with_policies(self, run: _Run, batch: Batch) -> bool:
         """A step, then the logging, evaluation and checkpoint due after it; True when done."""
         state = run.state
-        loss, boundary = self._step(self._to_device(batch), state, run.total)
-        run.throughput.add(batch.labels.shape[0] * self.world_size)
+        loss, boundary = self._step(self._to_device(batch), state, run.total, run.train.loss_weight)
+        samples = batch.labels.shape[0] * self.world_size
+        run.throughput.add(samples)
+        if (source := run.train.source) is not None:
+            state.source_batches[source] = state.source_batches.get(source, 0) + 1
+            state.source_samples[source] = state.source_samples.get(source, 0) + samples
         if run.log.due(state.steps):
             loss_value = self._mean_over_ranks(loss.detach())
             run.log.record(state, loss_value, self.lr, run.throughput.rate())
@@ -446,12 +456,15 @@ class Trainer:
                 run.checkpoints.save(state)
         return done
 
-    def _step(self, batch: Batch, state: TrainingState, total: int) -> tuple[torch.Tensor, bool]:
-        """One batch: loss, backward, the tables' update, and at the end of an accumulation the
-        dense optimizer's step and the next learning rate. Returns the loss and whether the
-        dense parameters stepped."""
+    def _step(
+        self, batch: Batch, state: TrainingState, total: int, weight: float = 1.0
+    ) -> tuple[torch.Tensor, bool]:
+        """One batch: loss (times its source's `weight`), backward, the tables' update, and at
+        the end of an accumulation the dense optimizer's step and the next learning rate.
+        Returns the loss and whether the dense parameters stepped."""
         loss = self.task.loss(self.model, batch)
-        (loss / self.cfg.grad_accumulation).backward()
+        scaled = loss if weight == 1.0 else loss * weight
+        (scaled / self.cfg.grad_accumulation).backward()
         if self.row_sparse is not None:
             self.row_sparse.step()
         state.steps += 1
@@ -467,8 +480,8 @@ class Trainer:
         return loss, boundary
 
     def _resume(
-        self, restored: Restored | None, train: SplitReader, stopper: EarlyStopping | None
-    ) -> tuple[TrainingState, ReaderPosition | None]:
+        self, restored: Restored | None, train: TrainData, stopper: EarlyStopping | None
+    ) -> tuple[TrainingState, ReaderPosition | MixPosition | None]:
         """The state to go on from, and the data position within its epoch (None: its start)."""
         if restored is None:
             return TrainingState(), None
@@ -482,7 +495,7 @@ class Trainer:
             self.row_sparse.load_state_dict(rank_state["sparse_adam"])
         elif self.row_sparse is not None:
             log.warning("the tables' Adam moments restart: they are kept per rank layout")
-        position = ReaderPosition.from_dict(rank_state["position"])
+        position = train.position.from_dict(rank_state["position"])
         if restored.same_layout and train.fits(position):
             train.converter.quality.add(DataQuality.from_dict(rank_state["quality"]))
             how = "exactly where it stopped"
@@ -490,7 +503,7 @@ class Trainer:
             position = train.resume_position(position, saved["steps_per_epoch"])
             state.epoch_batches = position.skip
             how = (
-                f"on {self.world_size} ranks x {len(position.workers)} read_threads, where the "
+                f"on {self.world_size} ranks x {train.workers} read_threads, where the "
                 f"checkpoint had {restored.manifest['world_size']} ranks: weights, optimizers "
                 "and step are restored; the epoch's data restarts and skips "
                 f"{position.skip}/{len(train)} batches, so this run will not be identical to "
@@ -507,8 +520,10 @@ class Trainer:
             value /= self.world_size
         return value.item()
 
-    def evaluate(self, split: Iterable[Batch]) -> dict[str, float]:
-        """The task's metrics of the current weights over a whole split."""
+    def evaluate(self, split: Iterable[Batch] | SourceEvaluation) -> dict[str, float]:
+        """The task's metrics of the current weights over a whole split (each source's)."""
+        if isinstance(split, SourceEvaluation):
+            return split.evaluate(self.evaluate)
         return evaluate(self.model, self.task, map(self._to_device, split), self.device)
 
     def _scalar(self, tag: str, value: float, step: int) -> None:

@@ -235,17 +235,10 @@ def test_a_job_preempted_more_than_max_requeues_times_is_not_requeued(monkeypatc
         preemption.stop(120, preemptions=4, max_requeues=3, run_dir="/runs/a")
 
 
-def test_two_ranks_killed_at_a_random_step_resume_bit_identical(small_data, tmp_path):
-    """Each rank's data position (two read workers each) and RNGs come back exactly."""
-    args = ["data.batch_size=2048", "data.read_threads=2", "data.shuffle_buffer=8192",
-            "model.dropout=0.2", "trainer.checkpoint.every_steps=4", "trainer.log_every_steps=1",
-            "trainer.eval_every_steps=10", "trainer.max_steps=30"]  # fmt: skip
-    train_on(2, small_data, tmp_path / "full", *args)
-    step = random.Random().randint(5, 28)
-    run_dir = tmp_path / "resumed"
-    common = [f"data.path={small_data}", f"hydra.run.dir={run_dir}", "trainer.progress_bar=false"]
+def kill_ranks_at(args: list[str], step: int) -> None:
+    """Train on two ranks and kill -9 the ranks and torchrun once rank 0 logs `step`."""
     proc = subprocess.Popen(
-        [*torchrun_command(2), "-m", "recsys.train", *common, *args],
+        [*torchrun_command(2), "-m", "recsys.train", *args],
         cwd=ROOT,
         env=UNBUFFERED,
         stdout=subprocess.PIPE,
@@ -260,6 +253,18 @@ def test_two_ranks_killed_at_a_random_step_resume_bit_identical(small_data, tmp_
                 os.kill(pid, signal.SIGKILL)
             break
     proc.communicate(timeout=60)
+
+
+def test_two_ranks_killed_at_a_random_step_resume_bit_identical(small_data, tmp_path):
+    """Each rank's data position (two read workers each) and RNGs come back exactly."""
+    args = ["data.batch_size=2048", "data.read_threads=2", "data.shuffle_buffer=8192",
+            "model.dropout=0.2", "trainer.checkpoint.every_steps=4", "trainer.log_every_steps=1",
+            "trainer.eval_every_steps=10", "trainer.max_steps=30"]  # fmt: skip
+    train_on(2, small_data, tmp_path / "full", *args)
+    step = random.Random().randint(5, 28)
+    run_dir = tmp_path / "resumed"
+    common = [f"data.path={small_data}", f"hydra.run.dir={run_dir}", "trainer.progress_bar=false"]
+    kill_ranks_at([*common, *args], step)
     assert not (run_dir / "metrics.json").exists(), f"killed at step {step}"
     out = train_on(2, small_data, run_dir, *args)
     if step >= 4:

@@ -86,6 +86,9 @@ class _Item:
 class SplitReader:
     """One split as an iterable of `Batch`es for one rank; `len()` is the same on every rank."""
 
+    source: str | None = None  # the source of the last batch: a mix's (data.mix) name, or none
+    loss_weight = 1.0  # what the last batch's loss is multiplied by
+
     def __init__(
         self,
         pieces: list[Piece],

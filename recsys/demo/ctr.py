@@ -257,6 +257,15 @@ DEMOS = {
         ),
     ),
     interactions.NAME: partial(interactions.generate, spec=interactions.InteractionSpec()),
+    # data=mix's second source: the demo's columns drawn from another planted model (a domain)
+    "ctr-app-v1": partial(
+        generate,
+        spec=DemoSpec(
+            rows={"train": 500_000, "validation": 50_000, "test": 50_000},
+            dense_nonlinear=1.0,
+            seed=1,
+        ),
+    ),
 }
 
 
