@@ -20,7 +20,7 @@ from recsys.data.batches import DataQuality
 from recsys.data.reader import open_split
 from recsys.data.sources import BadFile, filesystem, readable
 from recsys.errors import DataError
-from tests.conftest import ROOT, cli
+from tests.conftest import ROOT
 from tests.test_data import config, numbered, rows_of
 
 SKIP = {"bad_files": BadFilePolicy.skip}
@@ -115,3 +115,73 @@ def test_nan_and_inf_labels_are_refused_or_left_out_and_counted(tmp_path, kind):
     reader = open_split(config(tmp_path, task=kind, **SKIP), "train", quality, train=True)
     assert rows_of(reader)[:4] == [100.0, 102.0, 103.0, 105.0]
     assert len(reader) == 6 and quality.to_dict()["skipped_bad_labels"] == {"y": 2}
+
+
+QUICK = ["data.validation=null", "data.test=null", "trainer.progress_bar=false",
+         "trainer.log_every_steps=1", "trainer.checkpoint.every_steps=7"]  # fmt: skip
+
+
+def train(small: Path, run_dir: Path, *extra: str, file_limit: int | None = None):
+    """recsys.train on `small` in a fresh process; file_limit: RLIMIT_FSIZE in bytes."""
+    limit = None
+    if file_limit is not None:
+
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+
+    out = subprocess.run(
+        [sys.executable, "-m", "recsys.train", f"data.path={small}", f"hydra.run.dir={run_dir}",
+         *QUICK, *extra],
+        cwd=ROOT, env={**os.environ, "HYDRA_FULL_ERROR": "0"}, capture_output=True, text=True,
+        timeout=600, preexec_fn=limit,
+    )  # fmt: skip
+    return out, out.stdout + out.stderr
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "error:" in line]
+
+
+@pytest.mark.slow
+def test_a_page_gone_bad_mid_epoch_ends_in_one_line_and_the_checkpoint_stays(small_data, tmp_path):
+    small = tmp_path / "small"
+    shutil.copytree(small_data, small)
+    bad = small / "train" / "part-00000.parquet"
+    bad_page(bad)  # its last row group: the footer reads, the run starts and fails at ~step 16
+    run_dir = tmp_path / "run"
+    out, text = train(small, run_dir, "trainer.max_epochs=1")
+    assert out.returncode == 2, text[-3000:]
+    assert "Traceback" not in text
+    [line] = error_lines(text)
+    assert f"cannot read {bad} of {small} (split train: train)" in line
+    assert "replace the file, or move it out of the split's paths" in line
+    assert (
+        f"is intact: once the data is fixed, run the same command with hydra.run.dir={run_dir}"
+        in line
+    )
+    saved = checkpoint.candidates(run_dir / "checkpoints", "auto")
+    assert saved and str(saved[0]) in line and not list((run_dir / "checkpoints").glob(".*"))
+
+
+@pytest.mark.slow
+def test_a_full_disk_keeps_the_last_complete_checkpoint_and_model(small_data, tmp_path):
+    run_dir = tmp_path / "run"
+    out, text = train(small_data, run_dir, "trainer.max_steps=7")
+    assert out.returncode == 0, text[-3000:]
+    model = (run_dir / "model.pt").read_bytes()
+    # the checkpoint at step 14 is larger than the file size limit
+    out, text = train(small_data, run_dir, "trainer.max_steps=14", file_limit=1 << 20)
+    assert out.returncode == 2 and "Traceback" not in text, text[-3000:]
+    [line] = error_lines(text)
+    assert "writing checkpoint step 14 to" in line and "the file size limit" in line
+    assert "the previous checkpoint step-000000007 is kept, the partial one removed" in line
+    ckpts = run_dir / "checkpoints"
+    assert [p.name for p in checkpoint.candidates(ckpts, "auto")][0] == "step-000000007"
+    assert not list(ckpts.glob(".*"))
+    # resumed from its finished checkpoint, the run rewrites its outputs: model.pt cannot be
+    out, text = train(small_data, run_dir, "trainer.max_steps=7", file_limit=1 << 20)
+    assert out.returncode == 2 and "Traceback" not in text, text[-3000:]
+    [line] = error_lines(text)
+    assert f"writing model.pt to {run_dir} failed: the file size limit" in line
+    assert "the earlier one is kept, the partial one removed" in line
+    assert (run_dir / "model.pt").read_bytes() == model and not list(run_dir.glob(".model.pt*"))

@@ -15,8 +15,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from recsys.data.batches import DataQuality
 from recsys.config import BadFilePolicy, DataConfig, FileFormat, S3Config, SplitConfig
+from recsys.data.batches import DataQuality
 from recsys.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
