@@ -100,13 +100,13 @@ class DataQuality:
     skipped_labels: Counter = field(default_factory=Counter)  # label column -> rows left out
 
     def to_dict(self) -> dict:
+        """The counts, with what was skipped only where something was (data.bad_files=skip)."""
+        skipped = {"skipped_files": self.skipped_files, "skipped_bad_labels": self.skipped_labels}
         return {
             "dense_nulls_filled": dict(self.dense_nulls),
             "categorical_nulls": dict(self.categorical_nulls),
             "out_of_range_ids": dict(self.oov_ids),
-            "skipped_files": dict(self.skipped_files),
-            "skipped_bad_labels": dict(self.skipped_labels),
-        }
+        } | {k: dict(v) for k, v in skipped.items() if v}
 
     @classmethod
     def from_dict(cls, d: dict) -> DataQuality:
