@@ -100,13 +100,9 @@ class S3Config:
     access_key: str | None = None
     secret_key: str | None = None
     max_attempts: int = 5
-    # how long a read waits for an unreachable endpoint to come back before the run checkpoints
-    # and stops (exit code 75, resumable)
-    retry_seconds: float = 120.0
 
     def __post_init__(self) -> None:
         _positive("data.s3.max_attempts", self.max_attempts)
-        _positive("data.s3.retry_seconds", self.retry_seconds, allow_zero=True)
 
 
 @dataclass

@@ -27,11 +27,10 @@ from recsys.checkpoint import Restored
 from recsys.config import LrDecay, LrScheduleConfig, TrainerConfig
 from recsys.data.batches import DataQuality
 from recsys.data.reader import ReaderPosition, SplitReader
-from recsys.data.sources import Unreachable
 from recsys.distributed import row_sparse_adam
 from recsys.errors import DataError, RecsysError
 from recsys.metrics import higher_is_better
-from recsys.preemption import Preempted, Preemption
+from recsys.preemption import Preemption
 from recsys.sparse_adam import PROBE_LR
 from recsys.tasks import TrainingTask, evaluate
 
@@ -422,9 +421,6 @@ class Trainer:
                     done = self._step_with_policies(run, batch)
                     if done:
                         break
-            except Unreachable as e:  # the store stayed away past data.s3.retry_seconds
-                run.throughput.pause()
-                self._stop_resumably(run, e)
             except DataError as e:  # a file went bad mid-epoch: say what the rerun goes on from
                 raise DataError(f"{e}; {self._resume_hint(state)}") from None
         throughput.pause()
@@ -507,22 +503,15 @@ class Trainer:
                  state.epoch + 1, how)  # fmt: skip
         return state, position if state.epoch_batches else None
 
-    def _stop_resumably(self, run: _Run, error: Unreachable) -> None:
-        """Checkpoint the steps done (at an accumulation boundary) and stop with exit code 75."""
-        state = run.state
-        if run.checkpoints.enabled and state.steps % self.cfg.grad_accumulation == 0:
-            run.checkpoints.save(state)
-        raise Preempted(f"{error}; {self._resume_hint(state, 'it is back')}") from None
-
-    def _resume_hint(self, state: TrainingState, once: str = "the data is fixed") -> str:
+    def _resume_hint(self, state: TrainingState) -> str:
         """How a rerun goes on after the run stopped at `state.steps`."""
         ck = self.checkpointing
         saved = checkpoint.candidates(ck.root, "auto") if ck is not None else []
         if not saved:
             return f"stopped at step {state.steps} with no checkpoint: a rerun starts over"
         return (
-            f"stopped at step {state.steps}; checkpoint {saved[0]} is intact: once {once}, run "
-            f"the same command with hydra.run.dir={ck.run_dir} to resume from it"
+            f"stopped at step {state.steps}; checkpoint {saved[0]} is intact: once the data is "
+            f"fixed, run the same command with hydra.run.dir={ck.run_dir} to resume from it"
         )
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:

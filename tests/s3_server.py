@@ -57,7 +57,6 @@ class S3Server:
     secret_key: str
     process: subprocess.Popen
     log: Path
-    command: list[str]
 
     def filesystem(self, secret_key: str | None = None) -> pafs.S3FileSystem:
         return pafs.S3FileSystem(
@@ -67,11 +66,6 @@ class S3Server:
             scheme="http",
             region="us-east-1",
         )
-
-    def restart(self, timeout: float = 60.0) -> None:
-        """Start the stopped server again, on the same ports and data."""
-        self.process = _launch(self.command, self.log)
-        _wait_until_up(self, timeout)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -98,51 +92,41 @@ def start(workdir: Path, timeout: float = 60.0) -> S3Server:
     }]}))  # fmt: skip
     master, volume, filer, s3, debug = _free_ports(5)
     log = workdir / "weed.log"
-    command = [
-        weed,
-        "mini",
-        f"-dir={workdir / 'data'}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        "-master.telemetry=false",
-        f"-master.port={master}",
-        f"-volume.port={volume}",
-        f"-filer.port={filer}",
-        f"-s3.port={s3}",
-        f"-debug.port={debug}",
-        f"-s3.config={config}",
-        f"-bucket={BUCKET}",
-        "-webdav=false",
-        "-admin.ui=false",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-    ]  # fmt: skip
-    server = S3Server(f"127.0.0.1:{s3}", BUCKET, KEY, SECRET, _launch(command, log), log, command)
-    _wait_until_up(server, timeout)
-    return server
-
-
-def _launch(command: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        command,
+    process = subprocess.Popen(
+        [
+            weed,
+            "mini",
+            f"-dir={workdir / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            f"-master.port={master}",
+            f"-volume.port={volume}",
+            f"-filer.port={filer}",
+            f"-s3.port={s3}",
+            f"-debug.port={debug}",
+            f"-s3.config={config}",
+            f"-bucket={BUCKET}",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+        ],  # fmt: skip
         stdin=subprocess.DEVNULL,
-        stdout=log.open("ab"),
+        stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-
-
-def _wait_until_up(server: S3Server, timeout: float) -> None:
-    """Return once the bucket lists; RuntimeError (the server stopped) if it does not come up."""
+    server = S3Server(f"127.0.0.1:{s3}", BUCKET, KEY, SECRET, process, log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if server.process.poll() is not None:
+        if process.poll() is not None:
             break
         try:
             if server.filesystem().get_file_info(BUCKET).type == pafs.FileType.Directory:
-                return
+                return server
         except OSError:
             pass
         time.sleep(0.25)
     server.stop()
-    raise RuntimeError(f"SeaweedFS did not come up; its log:\n{server.log.read_text()[-2000:]}")
+    raise RuntimeError(f"SeaweedFS did not come up; its log:\n{log.read_text()[-2000:]}")

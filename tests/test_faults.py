@@ -7,7 +7,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +20,8 @@ from recsys.data.batches import DataQuality
 from recsys.data.reader import open_split
 from recsys.data.sources import BadFile, filesystem, readable
 from recsys.errors import DataError
-from recsys.preemption import EXIT_PREEMPTED
-from tests.conftest import ROOT, assert_same_run
+from tests.conftest import ROOT
 from tests.test_data import config, numbered, rows_of
-from tests.test_s3 import s3, s3_overrides  # noqa: F401, F811 (the server fixture)
 
 SKIP = {"bad_files": BadFilePolicy.skip}
 
@@ -188,60 +185,3 @@ def test_a_full_disk_keeps_the_last_complete_checkpoint_and_model(small_data, tm
     assert f"writing model.pt to {run_dir} failed: the file size limit" in line
     assert "the earlier one is kept, the partial one removed" in line
     assert (run_dir / "model.pt").read_bytes() == model and not list(run_dir.glob(".model.pt*"))
-
-
-def train_until(args: list[str], line: str, then) -> subprocess.CompletedProcess:
-    """recsys.train ARGS; once it logs `line`, call then() (the run goes on meanwhile)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "recsys.train", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
-    lines = []
-    for text in proc.stdout:
-        lines.append(text)
-        if line in text:
-            then()
-            break
-    rest, _ = proc.communicate(timeout=600)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines) + rest, "")
-
-
-@pytest.mark.slow
-def test_s3_gone_briefly_is_waited_for_and_gone_long_checkpoints_and_resumes_exactly(
-    s3,  # noqa: F811
-    tmp_path,
-):
-    # two epochs: the second reads every file again from S3, after the server was stopped
-    args = [*s3_overrides(s3, f"data.s3.access_key={s3.access_key}",
-                          f"data.s3.secret_key={s3.secret_key}"),
-            *QUICK, "trainer.max_epochs=2"]  # fmt: skip
-    runs = {name: tmp_path / name for name in ("uninterrupted", "brief", "long")}
-    out = subprocess.run([sys.executable, "-m", "recsys.train", *args,
-                          f"hydra.run.dir={runs['uninterrupted']}"], cwd=ROOT, text=True,
-                         capture_output=True, timeout=600)  # fmt: skip
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-
-    def brief_outage() -> None:
-        s3.stop()
-        time.sleep(20)  # longer than the 9 steps left in the epoch take
-        s3.restart()
-
-    brief = train_until([*args, f"hydra.run.dir={runs['brief']}", "data.s3.retry_seconds=120"],
-                        " step 40/", brief_outage)  # fmt: skip
-    assert brief.returncode == 0, brief.stdout[-3000:]
-    assert "cannot reach the S3 endpoint" in brief.stdout and "retrying in" in brief.stdout
-    assert_same_run(runs["uninterrupted"], runs["brief"])
-
-    long = train_until([*args, f"hydra.run.dir={runs['long']}", "data.s3.retry_seconds=3"],
-                       " step 40/", s3.stop)  # fmt: skip
-    s3.restart()
-    assert long.returncode == EXIT_PREEMPTED, long.stdout[-3000:]
-    assert "Traceback" not in long.stdout
-    [line] = [t for t in long.stdout.splitlines() if "cannot reach the S3 endpoint" in t
-              and "retrying" not in t]  # fmt: skip
-    assert "step-000000049 is intact: once it is back, run the same command" in line
-    resumed = subprocess.run([sys.executable, "-m", "recsys.train", *args,
-                              f"hydra.run.dir={runs['long']}"], cwd=ROOT, text=True,
-                             capture_output=True, timeout=600)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert_same_run(runs["uninterrupted"], runs["long"])

@@ -11,10 +11,8 @@ shorter ones.
 from __future__ import annotations
 
 import copy
-import logging
 import queue
 import threading
-import time
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
@@ -27,10 +25,9 @@ from recsys.config import DataConfig, FileFormat
 from recsys.data import vocabulary
 from recsys.data.batches import BatchConverter, DataQuality, Padding, check_ranges, check_schema
 from recsys.data.features import FeatureSpec
-from recsys.data.sources import Piece, Unreachable, read_error, split_pieces
+from recsys.data.sources import Piece, read_error, split_pieces
 from recsys.errors import DataError
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 WINDOW_BATCHES = 8  # rows converted together: per-column work is paid once per window
 
@@ -106,11 +103,9 @@ class SplitReader:
         max_batches: int | None = None,
         pad: bool = False,
         where: str = "",
-        retry_seconds: float = 0.0,
     ):
         self.converter = converter
         self.where = where  # the split, as errors name it
-        self.retry_seconds = retry_seconds  # how long to wait for an unreachable store
         self.batch_size = batch_size
         self.row_filter = row_filter
         self.rank, self.world_size, self.workers = rank, world_size, workers
@@ -251,32 +246,19 @@ class SplitReader:
                 yield piece, rb
 
     def _read(self, piece: Piece) -> Iterator[pa.RecordBatch]:
-        """The piece's record batches; an unreachable store is retried for retry_seconds, going
-        on after the batches already handed over (Arrow cuts a piece the same way each time)."""
-        columns, handed, waited = self.converter.spec.columns, 0, 0.0
-        while True:
-            try:
-                batches = piece.fragment.to_batches(
-                    schema=piece.schema,
-                    columns=columns,
-                    filter=self.row_filter,
-                    batch_size=self.batch_size * WINDOW_BATCHES,
-                )
-                for i, rb in enumerate(batches):
-                    if i >= handed:
-                        handed += 1
-                        if rb.num_rows:
-                            yield rb
-                return
-            except (OSError, pa.ArrowException) as e:
-                path = piece.fragment.path
-                error = read_error(e, path, self.where or path, mid_epoch=True)
-                if not isinstance(error, Unreachable) or waited >= self.retry_seconds:
-                    raise error from None
-                pause = min(5.0, self.retry_seconds - waited)
-                log.warning("reading %s: %s; retrying in %.0f s", path, error, pause)
-                time.sleep(pause)
-                waited += pause
+        columns = self.converter.spec.columns
+        try:
+            for rb in piece.fragment.to_batches(
+                schema=piece.schema,
+                columns=columns,
+                filter=self.row_filter,
+                batch_size=self.batch_size * WINDOW_BATCHES,
+            ):
+                if rb.num_rows:
+                    yield rb
+        except (OSError, pa.ArrowException) as e:
+            path = piece.fragment.path
+            raise read_error(e, path, self.where or path, mid_epoch=True) from None
 
     def _emit(self, table: pa.Table, sources: list[str], skip: int) -> Generator:
         """The table's batches, the first `skip` as placeholders; returns how many remain."""
@@ -341,7 +323,6 @@ def open_split(
         max_batches=max_batches,
         pad=not train,
         where=where,
-        retry_seconds=data.s3.retry_seconds,
     )
 
 

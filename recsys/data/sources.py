@@ -54,7 +54,7 @@ def s3_error(e: OSError, where: str) -> DataError:
     if "NO_SUCH_BUCKET" in text:
         return DataError(f"the bucket of {where} does not exist: fix the bucket in data.path")
     if _unreachable(text):
-        return Unreachable(
+        return DataError(
             f"cannot reach the S3 endpoint for {where} ({text.splitlines()[0]}): "
             "check data.s3.endpoint and that the server is up"
         )
@@ -63,10 +63,6 @@ def s3_error(e: OSError, where: str) -> DataError:
 
 class BadFile(DataError):
     """A data file that cannot be read: corrupt, not a Parquet/ORC file, no access, or gone."""
-
-
-class Unreachable(DataError):
-    """The S3 endpoint does not answer: the network or the server, not the data."""
 
 
 def _unreachable(text: str) -> bool:
