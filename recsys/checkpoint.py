@@ -23,7 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from recsys.errors import ConfigError, RecsysError
+from recsys.errors import ConfigError, RecsysError, is_write_failure, write_failed
 from recsys.outputs import write_json
 
 log = logging.getLogger(__name__)
@@ -119,21 +119,29 @@ def save(
     rank = dist.get_rank()
     final = root / f"step-{step:09d}"
     tmp = root / f".{final.name}.tmp"
-    if rank == 0:
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        dcp.save(_stored(_sharded_state(model)), checkpoint_id=tmp)
+        torch.save(rank_state, tmp / rank_file(rank))
+        dist.barrier()
+        if rank == 0:
+            torch.save(trainer_state, tmp / TRAINER_FILE)
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+            manifest = {"format": FORMAT, "step": step, "world_size": dist.get_world_size(),
+                        **description, "files": files}  # fmt: skip
+            write_json(tmp / MANIFEST, manifest)
+            _replace(tmp, final)
+            _prune(root, keep_last)
+    except (Exception, CheckpointException) as e:  # a full disk: keep the complete ones
+        if not is_write_failure(e):
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    dcp.save(_stored(_sharded_state(model)), checkpoint_id=tmp)
-    torch.save(rank_state, tmp / rank_file(rank))
-    dist.barrier()
-    if rank == 0:
-        torch.save(trainer_state, tmp / TRAINER_FILE)
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        manifest = {"format": FORMAT, "step": step, "world_size": dist.get_world_size(),
-                    **description, "files": files}  # fmt: skip
-        write_json(tmp / MANIFEST, manifest)
-        _replace(tmp, final)
-        _prune(root, keep_last)
+        older = _step_dirs(root)
+        kept = f"the previous checkpoint {older[0].name} is kept" if older else "no earlier one"
+        raise write_failed(f"checkpoint step {step}", root, e, kept) from None
     dist.barrier()
     return final
 

@@ -33,6 +33,13 @@ class OovPolicy(Enum):
     error = "error"
 
 
+class BadFilePolicy(Enum):
+    """What to do with a data file that cannot be read, or rows whose label is NaN or infinite."""
+
+    fail = "fail"
+    skip = "skip"  # leave them out, counted and named, up to data.max_bad_files files
+
+
 class Pooling(Enum):
     sum = "sum"
     mean = "mean"
@@ -226,6 +233,8 @@ class DataConfig:
     prefetch: int = 4
     shuffle_buffer: int = 0
     drop_remainder: bool = False
+    bad_files: BadFilePolicy = BadFilePolicy.fail
+    max_bad_files: int = 10
     s3: S3Config = field(default_factory=S3Config)
     # several train sources mixed into one run (empty: path and its splits, as one source)
     # (typed as Any so that `+data.sources.<name>.path=...` can add one; SourceConfig each)
@@ -243,6 +252,7 @@ class DataConfig:
         _positive("data.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
         _positive("data.missing_id", self.missing_id, allow_zero=True)
         _positive("data.vocabulary_min_count", self.vocabulary_min_count)
+        _positive("data.max_bad_files", self.max_bad_files, allow_zero=True)
         if not self.train.paths:
             raise ConfigError("data.train.paths is empty: name the train files, e.g. [train]")
         if not self.categorical:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import resource
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 class RecsysError(Exception):
@@ -33,3 +36,52 @@ def exit_on_user_error(reraise: bool = False) -> Iterator[None]:
             raise
         logging.getLogger("recsys").error("error: %s", e)
         raise SystemExit(EXIT_USER_ERROR) from None
+
+
+class WriteFailed(RecsysError):
+    """A file of the run (checkpoint, model.pt, metrics.json) could not be written whole."""
+
+
+_FILLED = {
+    errno.ENOSPC: "the disk is full",
+    errno.EFBIG: "the file size limit (ulimit -f) was reached",
+    errno.EDQUOT: "the disk quota is exceeded",
+}
+
+
+def _errno(error: BaseException) -> int | None:
+    """The errno of an OSError in error, its causes, or (DCP) its ranks' failures."""
+    seen: list[BaseException] = [error]
+    while seen:
+        e = seen.pop()
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        seen += [x for x in (e.__cause__, e.__context__) if x is not None]
+        for failure in (getattr(e, "failures", None) or {}).values():  # CheckpointException
+            seen.append(failure[0] if isinstance(failure, tuple) else failure)
+    return None
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """An OSError, or torch.save's RuntimeError for a failed write ("file write failed",
+    "unexpected pos" from its zip writer)."""
+    text = str(error).lower()
+    return (
+        isinstance(error, OSError)
+        or any(k in text for k in ("writ", "unexpected pos", "inline_container"))
+        or _errno(error) is not None
+    )
+
+
+def write_failed(what: str, path: Path, error: BaseException, kept: str) -> WriteFailed:
+    """One line: what could not be written where, what filled, and what is kept."""
+    reason = _FILLED.get(_errno(error) or 0)
+    if reason is None and resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+        reason = "the file size limit (ulimit -f) was reached, or the disk is full"
+    if reason is None:
+        text = str(error).strip()
+        reason = text.splitlines()[0] if text else type(error).__name__
+    return WriteFailed(
+        f"writing {what} to {path} failed: {reason}; {kept}, the partial one removed: free "
+        "space there (or set hydra.run.dir to another disk), then run the same command again"
+    )

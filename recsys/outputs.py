@@ -18,7 +18,7 @@ from torch import nn
 
 from recsys.config import RETRIEVAL_KEYS
 from recsys.data.features import FeatureSpec
-from recsys.errors import RecsysError
+from recsys.errors import RecsysError, is_write_failure, write_failed
 from recsys.models import unfold_first_order
 
 MODEL_FILE = "model.pt"
@@ -33,8 +33,11 @@ def write_atomic(path: Path, write: Any) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, Exception) and is_write_failure(e):
+            kept = "the earlier one is kept" if path.exists() else "nothing was written"
+            raise write_failed(path.name, path.parent, e, kept) from None
         raise
 
 

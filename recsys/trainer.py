@@ -28,7 +28,7 @@ from recsys.data.batches import DataQuality
 from recsys.data.mix import MixedReader, MixPosition, SourceEvaluation
 from recsys.data.reader import ReaderPosition, SplitReader
 from recsys.distributed import row_sparse_adam
-from recsys.errors import RecsysError
+from recsys.errors import DataError, RecsysError
 from recsys.metrics import higher_is_better
 from recsys.preemption import Preemption
 from recsys.sparse_adam import PROBE_LR
@@ -422,10 +422,13 @@ class Trainer:
         done = False
         # none left when the checkpoint was taken at the epoch's last step
         if state.epoch_batches < len(run.train):
-            for batch in run.train.iterate(state.epoch, position):
-                done = self._step_with_policies(run, batch)
-                if done:
-                    break
+            try:
+                for batch in run.train.iterate(state.epoch, position):
+                    done = self._step_with_policies(run, batch)
+                    if done:
+                        break
+            except DataError as e:  # a file went bad mid-epoch: say what the rerun goes on from
+                raise DataError(f"{e}; {self._resume_hint(state)}") from None
         throughput.pause()
         if run.evaluation.due_at_epoch_end(state):
             done = run.evaluation.run(state) or done
@@ -512,6 +515,17 @@ class Trainer:
         log.info("resuming from %s (step %d, epoch %d): %s", restored.path, state.steps,
                  state.epoch + 1, how)  # fmt: skip
         return state, position if state.epoch_batches else None
+
+    def _resume_hint(self, state: TrainingState) -> str:
+        """How a rerun goes on after the run stopped at `state.steps`."""
+        ck = self.checkpointing
+        saved = checkpoint.candidates(ck.root, "auto") if ck is not None else []
+        if not saved:
+            return f"stopped at step {state.steps} with no checkpoint: a rerun starts over"
+        return (
+            f"stopped at step {state.steps}; checkpoint {saved[0]} is intact: once the data is "
+            f"fixed, run the same command with hydra.run.dir={ck.run_dir} to resume from it"
+        )
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
         if self.world_size > 1:

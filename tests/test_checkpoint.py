@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,27 @@ def test_half_written_and_corrupt_checkpoints_are_skipped_for_an_older_one(
     assert "resuming from" in log and "step-000000035 (step 35" in log
     assert_same_run(uninterrupted, run_dir)
     assert not (ckpt / ".step-000000056.tmp").exists()
+
+
+def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_complete_one(
+    small_data, uninterrupted, tmp_path
+):
+    step = random.Random().choice(range(14, 92, 7))  # a checkpoint with one before it
+    run_dir = tmp_path / "run"
+    tmp = run_dir / "checkpoints" / f".step-{step:09d}.tmp"
+    proc = subprocess.Popen([sys.executable, "-m", "recsys.train", *args_for(small_data, run_dir)],
+                            cwd=ROOT, env=UNBUFFERED, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    while proc.poll() is None and not tmp.exists():
+        time.sleep(0.002)
+    proc.kill()  # SIGKILL while the checkpoint's files are being written
+    assert proc.wait() == -signal.SIGKILL, f"the run ended before writing step {step}"
+    assert not (run_dir / "checkpoints" / f"step-{step:09d}").exists()
+    resumed = cli(*args_for(small_data, run_dir))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"step-{step - 7:09d} (step {step - 7}" in resumed.stdout + resumed.stderr
+    assert_same_run(uninterrupted, run_dir)
+    assert not tmp.exists()
 
 
 @pytest.mark.parametrize(

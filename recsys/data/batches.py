@@ -69,8 +69,8 @@ def _stats_range(meta: pq.FileMetaData, column: str) -> tuple[float, float] | No
 def check_ranges(source: str, meta: pq.FileMetaData, spec: FeatureSpec, oov: OovPolicy) -> None:
     """Labels that are not 0/1 and, under oov=error, ids past a table, from footer statistics."""
     if spec.label_kind is LabelKind.binary:
-        r = _stats_range(meta, spec.label)
-        if r and (r[0] < 0 or r[1] > 1):
+        r = _stats_range(meta, spec.label)  # inf: the rows' check says more (data.bad_files)
+        if r and np.isfinite(r).all() and (r[0] < 0 or r[1] > 1):
             bad = r[0] if r[0] < 0 else r[1]
             raise DataError(
                 f"label column '{spec.label}' in {source} has value {bad}; binary labels must "
@@ -95,13 +95,18 @@ class DataQuality:
     dense_nulls: Counter = field(default_factory=Counter)
     categorical_nulls: Counter = field(default_factory=Counter)
     oov_ids: Counter = field(default_factory=Counter)
+    # of the whole split, found by every rank before reading (data.bad_files=skip): merged by max
+    skipped_files: Counter = field(default_factory=Counter)  # path -> 1
+    skipped_labels: Counter = field(default_factory=Counter)  # label column -> rows left out
 
     def to_dict(self) -> dict:
+        """The counts, with what was skipped only where something was (data.bad_files=skip)."""
+        skipped = {"skipped_files": self.skipped_files, "skipped_bad_labels": self.skipped_labels}
         return {
             "dense_nulls_filled": dict(self.dense_nulls),
             "categorical_nulls": dict(self.categorical_nulls),
             "out_of_range_ids": dict(self.oov_ids),
-        }
+        } | {k: dict(v) for k, v in skipped.items() if v}
 
     @classmethod
     def from_dict(cls, d: dict) -> DataQuality:
@@ -109,9 +114,12 @@ class DataQuality:
             Counter(d["dense_nulls_filled"]),
             Counter(d["categorical_nulls"]),
             Counter(d["out_of_range_ids"]),
+            Counter(d.get("skipped_files", {})),
+            Counter(d.get("skipped_bad_labels", {})),
         )
 
     def clear(self) -> None:
+        """Forget the repairs of a pass (what was skipped is the split's, and stays)."""
         for counts in (self.dense_nulls, self.categorical_nulls, self.oov_ids):
             counts.clear()
 
@@ -119,6 +127,8 @@ class DataQuality:
         self.dense_nulls.update(other.dense_nulls)
         self.categorical_nulls.update(other.categorical_nulls)
         self.oov_ids.update(other.oov_ids)
+        self.skipped_files |= other.skipped_files
+        self.skipped_labels |= other.skipped_labels
 
 
 def _prefix_sums(counts: np.ndarray) -> np.ndarray:
@@ -247,15 +257,16 @@ class BatchConverter:
             raise DataError(f"{e}: {fix}") from None
 
     def _check_labels(self, y: np.ndarray, source: str) -> None:
-        bad = np.isnan(y)
+        bad = ~np.isfinite(y)
         if self.spec.label_kind is LabelKind.binary:
             bad |= (y != 0) & (y != 1)
         if bad.any():
             value = y[bad][0]
             fix = (
                 "binary labels must be 0 or 1: fix the data, or set data.task=regression"
-                if self.spec.label_kind is LabelKind.binary
-                else "labels must not be null: drop those rows or fill them"
+                if self.spec.label_kind is LabelKind.binary and np.isfinite(value)
+                else "labels must be numbers, not null, NaN or inf: drop or fill those rows, "
+                "or set data.bad_files=skip to leave them out (counted)"
             )
             raise DataError(
                 f"label column '{self.spec.label}' in {source} has value "

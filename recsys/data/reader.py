@@ -25,7 +25,7 @@ from recsys.config import DataConfig, FileFormat
 from recsys.data import vocabulary
 from recsys.data.batches import BatchConverter, DataQuality, Padding, check_ranges, check_schema
 from recsys.data.features import FeatureSpec
-from recsys.data.sources import Piece, s3_error, split_pieces
+from recsys.data.sources import Piece, read_error, split_pieces
 from recsys.errors import DataError
 
 T = TypeVar("T")
@@ -105,8 +105,10 @@ class SplitReader:
         drop_remainder: bool = False,
         max_batches: int | None = None,
         pad: bool = False,
+        where: str = "",
     ):
         self.converter = converter
+        self.where = where  # the split, as errors name it
         self.batch_size = batch_size
         self.row_filter = row_filter
         self.rank, self.world_size, self.workers = rank, world_size, workers
@@ -257,8 +259,9 @@ class SplitReader:
             ):
                 if rb.num_rows:
                     yield rb
-        except OSError as e:
-            raise s3_error(e, piece.name) from None
+        except (OSError, pa.ArrowException) as e:
+            path = piece.fragment.path
+            raise read_error(e, path, self.where or path, mid_epoch=True) from None
 
     def _emit(self, table: pa.Table, sources: list[str], skip: int) -> Generator:
         """The table's batches, the first `skip` as placeholders; returns how many remain."""
@@ -302,7 +305,7 @@ def open_split(
     """The reader of one split (train, validation or test) for one rank, its files checked."""
     vocab = vocabulary.for_data(data)
     spec = FeatureSpec.from_data_config(data, vocab)
-    pieces, row_filter, where = split_pieces(data, split)
+    pieces, row_filter, where = split_pieces(data, split, quality)
     if not pieces:
         raise DataError(
             f"the filters leave no rows in {where}: check data.filter / data.{split}.filter"
@@ -322,6 +325,7 @@ def open_split(
         drop_remainder=data.drop_remainder and train,
         max_batches=max_batches,
         pad=not train,
+        where=where,
     )
 
 

@@ -5,17 +5,21 @@ from __future__ import annotations
 import ast
 import fnmatch
 import glob
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from recsys.config import DataConfig, FileFormat, S3Config, SplitConfig
+from recsys.config import BadFilePolicy, DataConfig, FileFormat, S3Config, SplitConfig
+from recsys.data.batches import DataQuality
 from recsys.errors import ConfigError, DataError
 
+log = logging.getLogger(__name__)
 SUFFIXES = {FileFormat.parquet: (".parquet", ".parq"), FileFormat.orc: (".orc",)}
 
 
@@ -49,12 +53,67 @@ def s3_error(e: OSError, where: str) -> DataError:
         )
     if "NO_SUCH_BUCKET" in text:
         return DataError(f"the bucket of {where} does not exist: fix the bucket in data.path")
-    if "NETWORK_CONNECTION" in text or "Couldn't connect" in text or "curlCode" in text:
+    if _unreachable(text):
         return DataError(
             f"cannot reach the S3 endpoint for {where} ({text.splitlines()[0]}): "
             "check data.s3.endpoint and that the server is up"
         )
     return DataError(f"reading {where} failed: {text.splitlines()[0]}")
+
+
+class BadFile(DataError):
+    """A data file that cannot be read: corrupt, not a Parquet/ORC file, no access, or gone."""
+
+
+def _unreachable(text: str) -> bool:
+    """Whether an S3 error is the endpoint or the network, not the file."""
+    return "NETWORK_CONNECTION" in text or "Couldn't connect" in text or "curlCode" in text
+
+
+def read_error(e: Exception, file: str, where: str, mid_epoch: bool = False) -> DataError:
+    """One line for a file that fails to read: S3 access problems as such, else a bad file."""
+    text = str(e)
+    if isinstance(e, OSError) and (_unreachable(text) or "SIGNATURE" in text or "BUCKET" in text):
+        return s3_error(e, where)
+    why = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    if isinstance(e, FileNotFoundError) or "No such file" in text or "NoSuchKey" in text:
+        why = "it was removed after the split was listed"
+    elif isinstance(e, PermissionError) or "Permission denied" in text or "ACCESS_DENIED" in text:
+        why = "permission denied"
+    fix = (
+        "replace the file, or move it out of the split's paths"
+        if mid_epoch  # its footer read, so data.bad_files=skip would not leave it out
+        else "replace or remove the file, or set data.bad_files=skip to train without such files"
+    )
+    return BadFile(f"cannot read {file} of {where}: {why}: {fix}")
+
+
+def readable(
+    fs: pafs.FileSystem, files: list[str], data: DataConfig, where: str, quality: DataQuality
+) -> list[str]:
+    """The files whose footer reads; the others fail the run, or are skipped (counted in
+    `quality`) under data.bad_files=skip, up to data.max_bad_files of them."""
+    fmt = ds.ParquetFileFormat() if data.format is FileFormat.parquet else ds.OrcFileFormat()
+    good, bad = [], []
+    for path in files:
+        try:
+            fmt.make_fragment(path, filesystem=fs).physical_schema  # noqa: B018 (reads the footer)
+            good.append(path)
+        except (OSError, pa.ArrowException) as e:
+            error = read_error(e, path, where)
+            if data.bad_files is BadFilePolicy.fail or not isinstance(error, BadFile):
+                raise error from None
+            bad.append(str(error).rsplit(": ", 1)[0])
+    if len(bad) > data.max_bad_files:
+        raise BadFile(
+            f"{len(bad)} files of {where} cannot be read, more than data.max_bad_files="
+            f"{data.max_bad_files} ({'; '.join(bad[:3])}{'; ...' if len(bad) > 3 else ''}): "
+            "replace or remove them, or raise data.max_bad_files"
+        )
+    for line in bad:
+        log.warning("skipping (data.bad_files=skip): %s", line)
+    quality.skipped_files.update(p for p in files if p not in good)
+    return good
 
 
 def list_files(fs: pafs.FileSystem, root: str, pattern: str, fmt: FileFormat) -> list[str]:
@@ -177,8 +236,16 @@ def _count_rows(
     return min(counted.count_rows(), group)
 
 
-def split_pieces(data: DataConfig, name: str) -> tuple[list[Piece], ds.Expression | None, str]:
-    """Pieces of a split with its row filter, partition filters already applied, in stable order."""
+def split_pieces(
+    data: DataConfig, name: str, quality: DataQuality | None = None
+) -> tuple[list[Piece], ds.Expression | None, str]:
+    """Pieces of a split with its row filter, partition filters already applied, in stable order.
+
+    Unreadable files, and rows whose label is not a finite number, fail the run or, under
+    data.bad_files=skip, are left out and counted in `quality`: the rows a rank will read are
+    known before the first batch, so every rank still runs the same number of steps.
+    """
+    quality = DataQuality() if quality is None else quality
     split: SplitConfig | None = data.split(name)
     if split is None:
         raise ConfigError(f"data.{name} is null: this run has no {name} split")
@@ -198,12 +265,19 @@ def split_pieces(data: DataConfig, name: str) -> tuple[list[Piece], ds.Expressio
             f"{'/'.join(SUFFIXES[data.format])} files the split's paths (data.{name}.paths, "
             "paths or globs relative to data.path) select"
         )
+    files = readable(fs, files, data, where, quality)
+    if not files:
+        raise BadFile(f"no file of {where} can be read: replace them")
     row_filter, columns = None, set()
     for text, key in ((data.filter, "data.filter"), (split.filter, f"data.{name}.filter")):
         if text:
             expr, used = parse_filter(text, key)
             row_filter = expr if row_filter is None else row_filter & expr
             columns |= used
+    user_filter = row_filter
+    if data.bad_files is BadFilePolicy.skip:  # null, NaN and inf labels
+        finite = pc.is_finite(ds.field(data.label))
+        row_filter = finite if row_filter is None else row_filter & finite
     partitioning = (
         ds.HivePartitioning.discover(infer_dictionary=False) if data.hive_partitioning else None
     )
@@ -220,12 +294,20 @@ def split_pieces(data: DataConfig, name: str) -> tuple[list[Piece], ds.Expressio
             )
         pieces, schema = [], dataset.schema
         parquet = data.format is FileFormat.parquet
-        for frag in dataset.get_fragments(filter=row_filter):
-            parts = frag.split_by_row_group(row_filter, schema=schema) if parquet else [frag]
+        for frag in dataset.get_fragments(filter=user_filter):
+            parts = frag.split_by_row_group(user_filter, schema=schema) if parquet else [frag]
             for i, part in enumerate(parts):
                 rows = _count_rows(part, schema, row_filter, parquet)
+                if row_filter is not user_filter:
+                    left_out = _count_rows(part, schema, user_filter, parquet) - rows
+                    quality.skipped_labels[data.label] += left_out
                 if rows:
                     pieces.append(Piece(part, rows, f"{frag.path}#{i}", schema))
     except OSError as e:
         raise s3_error(e, where) from None
+    if quality.skipped_labels[data.label]:
+        log.warning("skipping (data.bad_files=skip) %d rows of %s whose %s is null, NaN or inf",
+                    quality.skipped_labels[data.label], where, data.label)  # fmt: skip
+    else:
+        del quality.skipped_labels[data.label]
     return pieces, row_filter, where
