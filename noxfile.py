@@ -72,10 +72,11 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
-    """Training vs plain PyTorch; reader vs a raw Arrow scan; checkpoints; 1 vs 2 ranks."""
+    """Training vs the floor; reader vs an Arrow scan; a 2-source mix; checkpoints; 1 vs 2 ranks."""
     install(session)
     session.run(str(PYTHON), "benchmarks/train_throughput.py", *session.posargs, external=True)
     session.run(str(PYTHON), "benchmarks/reader_throughput.py", external=True)
+    session.run(str(PYTHON), "benchmarks/mix_throughput.py", external=True)
     session.run(str(PYTHON), "benchmarks/checkpoint_io.py", external=True)
     session.run(str(PYTHON), "benchmarks/distributed_throughput.py", external=True)
 
