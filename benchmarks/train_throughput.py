@@ -60,9 +60,9 @@ def peak_rss_mb() -> float:
 # the same rows as two sources (even and odd files) mixed round-robin: what mixing costs
 MIX = ["data=mix", "data.sources.web.path=${data.path}", "data.sources.app.path=${data.path}",
        "data.sources.web.train.paths=['train/part-*[02468].parquet']",
-       "data.sources.app.train.paths=['train/part-*[13579].parquet']",
-       *(f"data.sources.{s}.{split}=null" for s in ("web", "app") for split in ("validation",
-         "test"))]  # fmt: skip
+       "+data.sources.app.train={paths:['train/part-*[13579].parquet']}",
+       "data.sources.web.validation=null", "data.sources.web.test=null",
+       "+data.sources.app.validation=null", "+data.sources.app.test=null"]  # fmt: skip
 # variant -> (trainer, model, extra recsys overrides)
 TABLES = "trainer.sparse_optimizer"
 VARIANTS = {
