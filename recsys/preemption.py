@@ -31,6 +31,7 @@ class Preemption:
 
     def __init__(self) -> None:
         self.received: signal.Signals | None = None
+        self._announced = False
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> Preemption:
@@ -45,9 +46,16 @@ class Preemption:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: object) -> None:
+        # no logging here: a write from a handler can re-enter a stream the main thread is writing
         if self.received is None:
             self.received = signal.Signals(signum)
+
+    def pending(self) -> bool:
+        """Whether a signal came; said once, outside the handler, where logging is safe."""
+        if self.received is not None and not self._announced:
+            self._announced = True
             log.warning("%s received: checkpointing at the next step", self.received.name)
+        return self.received is not None
 
     def stop(self, step: int, preemptions: int, max_requeues: int, run_dir: str) -> NoReturn:
         """After the checkpoint of `step`: have submitit requeue the job, or end the run."""

@@ -279,7 +279,7 @@ class CheckpointPolicy:
         c = self.cfg
         timed = bool(c.enabled and c.every_minutes)
         timed = timed and time.monotonic() - self.last_save >= c.every_minutes * 60
-        signalled = self.ck.preemption.received is not None
+        signalled = self.ck.preemption.pending()
         if self.trainer.world_size > 1:  # rank 0's clock decides; a signal to any rank counts
             flags = torch.tensor([int(timed and dist.get_rank() == 0), int(signalled)])
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
