@@ -249,7 +249,7 @@ def log_start(
     log.info("sharding plan: %s (in full: sharding_plan.txt)", plan_summary(model.plan))
     ranks = dist.get_world_size()
     readers = train.readers if isinstance(train, MixedReader) else [train]
-    rows = sum(p.rows for r in readers for share in r.shares for worker in share for p in worker)
+    rows = sum(r.total_rows for r in readers)
     if isinstance(train, MixedReader):
         log.info("%s", train.describe())
     log.info(

@@ -182,7 +182,7 @@ class MixedReader:
     def describe(self) -> str:
         """The schedule as printed at start: sources, rows, batches per epoch, proportions."""
         shares = expected_proportions(self.mix, self.lengths)
-        rows = [sum(p.rows for share in r.shares for w in share for p in w) for r in self.readers]
+        rows = [r.total_rows for r in self.readers]
         lines = [f"mix {self.mix.strategy.value} (epoch {self.mix.epoch}): {self._len} steps/epoch"]
         for name, n, length, share, weight in zip(self.names, rows, self.lengths, shares,
                                                   self.loss_weights, strict=True):  # fmt: skip
@@ -205,8 +205,7 @@ class SourceEvaluation:
         if self.aggregate in each:
             total = dict(each[self.aggregate])
         else:
-            rows = {n: sum(p.rows for s in r.shares for w in s for p in w)
-                    for n, r in self.readers.items()}  # fmt: skip
+            rows = {n: r.total_rows for n, r in self.readers.items()}
             weight = rows if self.aggregate == "micro" else dict.fromkeys(rows, 1)
             mass = sum(weight.values())
             first = next(iter(each.values()))

@@ -123,6 +123,8 @@ class SplitReader:
         self.position = ReaderPosition(0)  # where iteration stands
         self.shares = [self._share(pieces, r) for r in range(world_size)]
         self.num_rows = sum(p.rows for share in self.shares[rank] for p in share)
+        # rows of every rank's share (num_rows: this rank's)
+        self.total_rows = sum(p.rows for ranks in self.shares for w in ranks for p in w)
         counts = [
             sum(self._batches_of(share) for share in rank_shares) for rank_shares in self.shares
         ]
