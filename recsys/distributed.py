@@ -30,7 +30,8 @@ from recsys.config import (
     SparseOptimizerConfig,
 )
 from recsys.errors import ConfigError
-from recsys.sparse_adam import PROBE_LR, AdamGroup, RowSparseAdam, table_kernels
+from recsys.models import EmbeddingModel
+from recsys.sparse_adam import PROBE_LR, RowSparseAdam, Rule, TableGroup, table_kernels
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -112,6 +113,17 @@ def _table_optimizers(
     return [("t_", sparse), ("w_", first_order or sparse)]
 
 
+def first_order_in_row(
+    device: torch.device, sparse: SparseOptimizerConfig, first_order: SparseOptimizerConfig
+) -> bool:
+    """Whether first-order weights ride in the vectors' rows (one lookup instead of two): when
+    the row-sparse Adam updates the vectors and can give that column its own rule."""
+    rule_ok = (
+        first_order.type is not SparseOptimizer.rowwise_adagrad
+    )  # a row's rule, not a column's
+    return device.type == "cpu" and sparse.type is SparseOptimizer.adam and rule_ok
+
+
 def shard(
     model: nn.Module,
     device: torch.device,
@@ -136,6 +148,8 @@ def shard(
         )
     for prefix, cfg in _table_optimizers(sparse, first_order):
         params = [p for n, p in model.ebc.named_parameters() if f".{prefix}" in f".{n}"]
+        if not params:  # first-order weights in the vectors' rows: no `w_` tables
+            continue
         kernel, kwargs = SPARSE_OPTIMIZERS[cfg.type], cfg.kwargs
         if device.type == "cpu" and cfg.type is SparseOptimizer.adam:
             kernel, kwargs = torch.optim.SGD, {"lr": PROBE_LR}  # RowSparseAdam makes it Adam
@@ -192,13 +206,23 @@ def row_sparse_adam(
     sparse: SparseOptimizerConfig,
     first_order: SparseOptimizerConfig | None = None,
 ) -> RowSparseAdam | None:
-    """The tables' Adam on CPU, over the sharded model's kernels; None when no table has it."""
-    groups = []
-    for prefix, cfg in _table_optimizers(sparse, first_order):
-        if device.type == "cpu" and cfg.type is SparseOptimizer.adam:
-            kw = cfg.kwargs
-            groups.append(AdamGroup(prefix, kw["lr"], kw["betas"], kw["eps"]))
+    """The tables' Adam on CPU, over the sharded model's kernels; None when no table has it.
+    First-order weights in the vectors' rows get `first_order`'s rule in their column."""
+    if device.type != "cpu":
+        return None
+    tables = _table_optimizers(sparse, first_order)
+    groups = [TableGroup(p, _rule(c)) for p, c in tables if c.type is SparseOptimizer.adam]
+    models = (m for m in model.modules() if isinstance(m, EmbeddingModel))
+    column = next((m.first_order_column for m in models), -1)
+    if column >= 0:  # only with Adam on the vectors (first_order_in_row): groups[0] is `t_`
+        groups[0].first_order, groups[0].first_order_column = _rule(tables[1][1]), column
     return RowSparseAdam(table_kernels(model), groups) if groups else None
+
+
+def _rule(cfg: SparseOptimizerConfig) -> Rule:
+    """The row-sparse optimizer's rule for a table optimizer config."""
+    kw = cfg.kwargs
+    return Rule(cfg.type, kw["lr"], kw.get("eps", 1e-8), kw.get("betas", (0.9, 0.999)))
 
 
 def dense_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -3,15 +3,19 @@
 FBGEMM's CPU kernels have no Adam. Here each table-batched kernel runs its exact SGD with a fixed
 power-of-two rate, which sums every touched row's gradient in backward and subtracts it scaled;
 the rows' change gives that gradient back exactly enough, and Adam is applied to those rows
-only, as torch's SparseAdam does. Moments live beside the tables, one copy each.
+only, as torch's SparseAdam does. Moments live beside the tables, one copy each. A first-order
+weight folded into the vector's row (one lookup for both) gets a rule and a state of its own.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from recsys.config import SparseOptimizer
 
 # The SGD rate the kernels run with: a power of two, so gradient = change / PROBE_LR exactly
 # up to the rounding of the stored weights, tiny against the gradient at this scale.
@@ -19,54 +23,110 @@ PROBE_LR = 2.0**16
 
 
 @dataclass
-class AdamGroup:
-    """The tables (by name prefix) one set of Adam settings applies to."""
+class Rule:
+    """An element-wise update: adam (state: both moments), adagrad (the second slot holds the
+    sum of squared gradients) or sgd (no state)."""
+
+    type: SparseOptimizer
+    lr: float
+    eps: float = 1e-8
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class TableGroup:
+    """Tables (by name prefix) updated by `rule`, but for the row's column `first_order_column`
+    (the first-order weight folded into the vector's row), which `first_order` updates."""
 
     prefix: str
-    lr: float
-    betas: tuple[float, float]
-    eps: float
+    rule: Rule
+    first_order: Rule | None = None
+    first_order_column: int = -1
 
 
 @dataclass
 class _Chunk:
-    """Rows one forward read from the tables of one group and width: flat element indices
-    [U, D] and their values before backward."""
+    """Rows one forward read from the tables of one class (group, width, first-order column):
+    the kernel's units (blocks of `_Layout.unit` weights) they span, [U * width / unit], and
+    their values before backward [U, width]."""
 
-    group: int
-    elements: torch.Tensor
+    cls: int
+    units: torch.Tensor
     before: torch.Tensor
 
 
-def table_kernels(model: nn.Module) -> list[tuple[nn.Module, list[str]]]:
-    """FBGEMM's table-batched kernels inside a DMP-sharded model (this rank's), with the names
-    of their tables in kernel order."""
+def table_kernels(model: nn.Module) -> list[tuple[nn.Module, list]]:
+    """FBGEMM's table-batched kernels inside a DMP-sharded model (this rank's), with their
+    (sharded) table configs in kernel order."""
     kernels = []
     for module in model.modules():
         for lookup in getattr(module, "_lookups", []):  # a plain list, not registered modules
             for batched in getattr(lookup, "_emb_modules", []):
-                names = [t.name for t in batched._config.embedding_tables]
-                kernels.append((batched.emb_module, names))
-    return [(k, names) for k, names in kernels if hasattr(k, "weights_host")]
+                kernels.append((batched.emb_module, list(batched._config.embedding_tables)))
+    return [(k, tables) for k, tables in kernels if hasattr(k, "weights_host")]
+
+
+def _first_column(table) -> int:
+    """The table's first column in the full row (column-wise shards start further right)."""
+    meta = getattr(table, "local_metadata", None)
+    return int(meta.shard_offsets[1]) if meta is not None else 0
+
+
+class _Layout:
+    """One kernel's tables as the optimizer sees them: each table's class (group, width and
+    the first-order column inside its shard, -1 for none), or -1 when no group has it; and the
+    unit, the widest block of weights every row is made of (a row, when all widths agree), so
+    rows are copied as blocks rather than weight by weight."""
+
+    def __init__(self, kernel: nn.Module, tables: list, groups: list[TableGroup]):
+        widths = kernel.D_offsets.diff().long()
+        self.classes: list[tuple[int, int, int]] = []
+        of_table = []
+        for table, width in zip(tables, widths.tolist(), strict=True):
+            group = next((i for i, g in enumerate(groups) if table.name.startswith(g.prefix)), -1)
+            column = groups[group].first_order_column - _first_column(table) if group >= 0 else -1
+            cls = (group, width, column if 0 <= column < width else -1)
+            if group >= 0 and cls not in self.classes:
+                self.classes.append(cls)
+            of_table.append(self.classes.index(cls) if group >= 0 else -1)
+        self.class_of_table = torch.tensor(of_table)
+        self.widths = widths
+        self.unit = math.gcd(*widths.tolist())
+        self.row_base = kernel.hash_size_cumsum.long()  # each table's first row in the kernel
+        self.touched = torch.zeros(int(self.row_base[-1]), dtype=torch.bool)
+
+
+def _update(rule: Rule, lr: float, steps: int, w: torch.Tensor, g: torch.Tensor, m, v):
+    """The rule's new values of weights `w` for gradient `g` at rate `lr`; moments `m`, `v`
+    updated in place."""
+    if rule.type is SparseOptimizer.sgd:
+        return w - lr * g
+    if rule.type is SparseOptimizer.adagrad:
+        v.addcmul_(g, g)
+        return w - lr * g / v.sqrt().add_(rule.eps)
+    b1, b2 = rule.betas
+    m.mul_(b1).add_(g, alpha=1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    denom = (v / (1 - b2**steps)).sqrt_().add_(rule.eps)
+    return w - lr * (m / (1 - b1**steps)) / denom
 
 
 class RowSparseAdam:
-    """Adam over the rows each batch touched, on top of the kernels' fused SGD."""
+    """Adam (and the first-order weights' rule) over the rows each batch touched, on top of the
+    kernels' fused SGD."""
 
-    def __init__(self, kernels: list[tuple[nn.Module, list[str]]], groups: list[AdamGroup]):
+    def __init__(self, kernels: list[tuple[nn.Module, list]], groups: list[TableGroup]):
         self.kernels = [k for k, _ in kernels]
+        self.layouts = [_Layout(k, tables, groups) for k, tables in kernels]
         self.groups = groups
-        self.param_groups = [{"lr": g.lr} for g in groups]  # the trainer's LR schedule sets them
-        # each table's group, by kernel (-1: not ours)
-        self.group_of = [
-            torch.tensor(
-                [
-                    next((i for i, g in enumerate(groups) if n.startswith(g.prefix)), -1)
-                    for n in names
-                ]
-            )  # fmt: skip
-            for _, names in kernels
-        ]
+        # the trainer's LR schedule scales these: each group's rule, then its first-order rule
+        self.param_groups: list[dict] = []
+        self._lr_index: dict[tuple[int, bool], int] = {}
+        for i, group in enumerate(groups):
+            for first_order, rule in ((False, group.rule), (True, group.first_order)):
+                if rule is not None:
+                    self._lr_index[i, first_order] = len(self.param_groups)
+                    self.param_groups.append({"lr": rule.lr})
         self.steps = 0
         self.moments = [
             (torch.zeros_like(k.weights_host.detach()), torch.zeros_like(k.weights_host.detach()))
@@ -84,47 +144,63 @@ class RowSparseAdam:
         return hook
 
     def _capture(self, i: int, kernel: nn.Module, indices: torch.Tensor, offsets: torch.Tensor):
-        """Remember which rows this forward reads (merged with an earlier forward's) and their
-        values before backward changes them."""
+        """Remember which rows this forward reads (with an earlier forward's since the last
+        step) and their values before backward changes them."""
+        layout = self.layouts[i]
         tables = kernel.weights_offsets.numel()
         batch = (offsets.numel() - 1) // tables
         if batch == 0:
             return
         table = torch.repeat_interleave(torch.arange(tables), offsets[::batch].diff().long())
-        widths = kernel.D_offsets.diff().long()
-        starts = kernel.weights_offsets[table] + indices.long() * widths[table]
-        starts = torch.cat([starts, *(c.elements[:, 0] for c in self._touched.get(i, []))])
-        starts = torch.unique(starts)
-        table = torch.searchsorted(kernel.weights_offsets, starts, right=True) - 1
-        key = self.group_of[i][table] * (int(widths.max()) + 1) + widths[table]
-        weights = kernel.weights_host.detach()
+        layout.touched[layout.row_base[table] + indices.long()] = True
+        rows = layout.touched.nonzero().squeeze(1)  # sorted, each once: no sort needed
+        table = torch.searchsorted(layout.row_base, rows, right=True) - 1
+        width = layout.widths[table]
+        starts = kernel.weights_offsets[table] + (rows - layout.row_base[table]) * width
+        cls_of_row = layout.class_of_table[table]
+        blocks = kernel.weights_host.detach().view(-1, layout.unit)
         chunks = []
-        for k in torch.unique(key).tolist():
-            group, width = divmod(k, int(widths.max()) + 1)
-            if group < 0:
-                continue
-            elements = starts[key == k].unsqueeze(1) + torch.arange(width)
-            chunks.append(_Chunk(group, elements, weights[elements]))
+        for cls, (_, width, _) in enumerate(layout.classes):
+            first = starts[cls_of_row == cls] // layout.unit
+            units = (first.unsqueeze(1) + torch.arange(width // layout.unit)).flatten()
+            if units.numel():
+                chunks.append(_Chunk(cls, units, blocks.index_select(0, units).view(-1, width)))
         self._touched[i] = chunks
 
     @torch.no_grad()
     def step(self) -> None:
-        """Turn the SGD that ran in backward into an Adam step on the touched rows."""
+        """Turn the SGD that ran in backward into the rules' step on the touched rows."""
         if not self._touched:
             return
         self.steps += 1
         for i, chunks in self._touched.items():
-            weights, (m, v) = self.kernels[i].weights_host.detach(), self.moments[i]
+            layout, unit = self.layouts[i], self.layouts[i].unit
+            tensors = [
+                t.view(-1, unit) for t in (self.kernels[i].weights_host.detach(), *self.moments[i])
+            ]
             for chunk in chunks:
-                group, lr = self.groups[chunk.group], self.param_groups[chunk.group]["lr"]
-                (b1, b2), e = group.betas, chunk.elements
-                grad = (chunk.before - weights[e]) / PROBE_LR
-                m_rows = m[e].mul_(b1).add_(grad, alpha=1 - b1)
-                v_rows = v[e].mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                m[e], v[e] = m_rows, v_rows
-                denom = (v_rows / (1 - b2**self.steps)).sqrt_().add_(group.eps)
-                weights[e] = chunk.before - lr * (m_rows / (1 - b1**self.steps)) / denom
+                self._step_chunk(chunk, layout.classes[chunk.cls], *tensors)
+            layout.touched.zero_()
         self._touched.clear()
+
+    def _step_chunk(self, chunk: _Chunk, cls: tuple[int, int, int], weights, m, v) -> None:
+        """The rules' update of one chunk's rows: the row's rule, the first-order column's own.
+        `weights`, `m` and `v` are the kernel's, in blocks of its unit."""
+        group_index, width, column = cls
+        group, units = self.groups[group_index], chunk.units
+        m_rows, v_rows = (t.index_select(0, units).view(-1, width) for t in (m, v))
+        grad = (chunk.before - weights.index_select(0, units).view(-1, width)) / PROBE_LR
+        rows = slice(None, column if column >= 0 else None)
+        parts = [(group.rule, False, rows)]
+        if column >= 0:  # the padding right of the first-order column is never read
+            parts.append((group.first_order, True, slice(column, column + 1)))
+        new = chunk.before.clone()
+        for rule, first_order, cols in parts:
+            lr = self.param_groups[self._lr_index[group_index, first_order]]["lr"]
+            w, g = chunk.before[:, cols], grad[:, cols]
+            new[:, cols] = _update(rule, lr, self.steps, w, g, m_rows[:, cols], v_rows[:, cols])
+        for tensor, rows in ((m, m_rows), (v, v_rows), (weights, new)):
+            tensor.index_copy_(0, units, rows.view(-1, tensor.shape[1]))
 
     def state_dict(self) -> dict:
         """This rank's moments (its kernels' layout) and the step count."""

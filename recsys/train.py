@@ -31,6 +31,7 @@ from recsys.demo.ctr import ensure_demo
 from recsys.distributed import (
     agree,
     dense_parameters,
+    first_order_in_row,
     full_state_dict,
     init_process_group,
     is_rank0,
@@ -196,7 +197,10 @@ def build(
 ) -> Setup:
     """The model (sharded), its task, objectives and optimizers, and the trainer."""
     tcfg = typed.trainer
-    model = instantiate(cfg.model, _partial_=True, _convert_="all")(features=spec, device="meta")
+    in_row = first_order_in_row(device, tcfg.sparse_optimizer, tcfg.first_order_optimizer)
+    model = instantiate(cfg.model, _partial_=True, _convert_="all")(
+        features=spec, device="meta", first_order_in_row=in_row
+    )
     task = task_for(model, typed.data, typed.retrieval)
     # a mix's metrics: the aggregate by the plain names, and each source's as <source>/<metric>
     metrics = task.metrics + tuple(f"{s}/{m}" for s in typed.data.sources for m in task.metrics)

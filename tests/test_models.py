@@ -198,6 +198,18 @@ def test_dlrm_matches_a_loop_reference():
     torch.testing.assert_close(model(dense, kjt), expected)
 
 
+def folded_state(model, dim: int) -> dict:
+    """The model's state with each first-order weight in its vector's row: [vector | w | pad]."""
+    state = {k: v for k, v in model.state_dict().items() if ".t_" not in k and ".w_" not in k}
+    for name, rows in SPEC.categorical:
+        row = torch.zeros(rows, table_width(dim + 1))
+        if dim:
+            row[:, :dim] = table(model, name)[:, :dim]
+        row[:, dim] = table(model, name, "w")[:, 0]
+        state[f"ebc.embedding_bags.t_{name}.weight"] = row
+    return state
+
+
 @pytest.mark.parametrize("dim", [0, 4, 6])
 def test_a_state_dict_of_folded_first_order_weights_loads_into_their_own_tables(dim):
     torch.manual_seed(0)
@@ -205,13 +217,22 @@ def test_a_state_dict_of_folded_first_order_weights_loads_into_their_own_tables(
     model = build(**tables(dim))
     dense, kjt = tiny_batch()
     expected = model(dense, kjt)
-    old = {k: v for k, v in model.state_dict().items() if ".t_" not in k and ".w_" not in k}
-    for name, rows in SPEC.categorical:  # the earlier layout: [vector | weight | padding]
-        row = torch.zeros(rows, table_width(dim + 1))
-        if dim:
-            row[:, :dim] = table(model, name)[:, :dim]
-        row[:, dim] = table(model, name, "w")[:, 0]
-        old[f"ebc.embedding_bags.t_{name}.weight"] = row
     fresh = build(**tables(dim))
-    fresh.load_state_dict(unfold_first_order(fresh, old))
+    fresh.load_state_dict(unfold_first_order(fresh, folded_state(model, dim)))
     torch.testing.assert_close(fresh(dense, kjt), expected)
+
+
+@pytest.mark.parametrize("dim", [3, 4])
+def test_first_order_weights_in_the_vectors_rows_make_the_same_model(dim):
+    torch.manual_seed(0)
+    model = DeepFM(hidden=[8], dropout=0.0, batch_norm=False, **tables(dim))
+    in_row = DeepFM(
+        hidden=[8], dropout=0.0, batch_norm=False, **tables(dim), first_order_in_row=True
+    )
+    assert sorted(in_row.ebc.embedding_bags) == ["t_a", "t_b", "t_tags"]
+    in_row.load_state_dict(folded_state(model, dim))
+    dense, kjt = tiny_batch()
+    torch.testing.assert_close(in_row(dense, kjt), model(dense, kjt))
+    fresh = DeepFM(hidden=[8], dropout=0.0, batch_norm=False, **tables(dim))
+    fresh.load_state_dict(unfold_first_order(fresh, in_row.state_dict()))
+    torch.testing.assert_close(fresh(dense, kjt), model(dense, kjt))
