@@ -132,14 +132,7 @@ def run(cfg: DictConfig) -> dict:
     if typed.paths:  # files of their own, not the split's
         where = f"{data.path} (paths: {', '.join(typed.paths)})"
     check_columns(pieces, part, keys)
-    convert = BatchConverter(
-        part,
-        data.dense_fill_value,
-        data.oov,
-        DataQuality(),
-        data.missing_id,
-        vocabulary.for_data(data),
-    )
+    convert = BatchConverter.of(part, data, DataQuality(), vocabulary.for_data(data))
     batch_size = typed.batch_size or data.eval_batch_size
     read = list(dict.fromkeys([*part.dense, *part.categorical_names, *keys]))
     start = time.perf_counter()

@@ -1,7 +1,9 @@
-"""Faults injected for real: bad and vanishing files, bad labels, full disks, kills."""
+"""Faults injected for real: bad and vanishing files, bad labels, inputs out of range, full disks,
+kills."""
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import shutil
@@ -11,17 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from recsys import checkpoint
+from recsys import checkpoint, export, predict
 from recsys.config import BadFilePolicy, LabelKind
 from recsys.data.batches import DataQuality
 from recsys.data.reader import open_split
 from recsys.data.sources import BadFile, filesystem, readable
 from recsys.errors import DataError
-from tests.conftest import ROOT
-from tests.test_data import config, numbered, rows_of
+from recsys.exported import load_exported
+from tests.conftest import ROOT, compose_cfg, metrics_of
+from tests.test_data import config, numbered, rows_of, write
 
 SKIP = {"bad_files": BadFilePolicy.skip}
 
@@ -185,3 +189,44 @@ def test_a_full_disk_keeps_the_last_complete_checkpoint_and_model(small_data, tm
     assert f"writing model.pt to {run_dir} failed: the file size limit" in line
     assert "the earlier one is kept, the partial one removed" in line
     assert (run_dir / "model.pt").read_bytes() == model and not list(run_dir.glob(".model.pt*"))
+
+
+def ctr_rows(n: int, seed: int = 0) -> dict:
+    """Columns of small click rows: label y, dense x (float) and n (int), ids a and tags lists."""
+    r = np.random.default_rng(seed)
+    return {"y": r.integers(0, 2, n).astype(np.int8), "x": r.normal(size=n),
+            "n": r.integers(0, 1000, n), "a": r.integers(0, 10, n),
+            "tags": [list(r.integers(0, 100, 3)) for _ in range(n)]}  # fmt: skip
+
+
+TINY = ["model=fm", "data.label=y", "data.categorical=[a:10,tags:100]", "data.batch_size=16"]
+
+
+def test_dense_values_out_of_range_and_an_overlong_list_are_clipped_cut_and_counted(tmp_path):
+    rows = ctr_rows(64)
+    rows["x"][[3, 7, 9, 11]] = [1e30, -1e30, 1e300, np.inf]  # 1e300 is inf in float32
+    rows["n"][[2, 5]] = [30_000_000, 2**62]  # integers past float32's exact 2^24
+    rows["tags"][5] = list(range(100_000))  # far longer than any other list
+    write(tmp_path / "data/train", pa.table(rows))
+    run_dir = tmp_path / "run"
+    out, text = train(tmp_path / "data", run_dir, *TINY, "data.dense=[x,n]",
+                      "data.max_list_length=1000")  # fmt: skip
+    assert out.returncode == 0 and "Traceback" not in text, text[-3000:]
+    quality = metrics_of(run_dir)["data_quality"]["train"]
+    assert quality["dense_values_clipped"] == {"x": 4, "n": 2}
+    assert quality["lists_truncated"] == {"tags": 1}
+    assert all(math.isfinite(loss) for _, loss in metrics_of(run_dir)["train"]["losses"])
+    data = config(tmp_path / "data", dense=["x", "n"], batch_size=64, max_list_length=1000)
+    batch = next(iter(open_split(data, "train", DataQuality(), train=True)))
+    assert batch.dense_features[[3, 7, 9, 11], 0].tolist() == [1e6, -1e6, 1e6, 1e6]
+    assert batch.dense_features[[2, 5], 1].tolist() == [1e6, 1e6]
+    tags = batch.sparse_features["tags"]
+    assert tags.lengths()[4:7].tolist() == [3, 1000, 3]
+    assert tags.values()[15:1015].tolist() == [i % 100 for i in range(1000)]  # its first ids
+    # an export applies the same limits: it scores the rows as recsys.predict does
+    export.run(compose_cfg(f"run={run_dir}", f"output={tmp_path / 'export'}", config_name="export"))
+    predict.run(compose_cfg(f"run={run_dir}", f"output={tmp_path / 'scores'}", "split=train",
+                            config_name="predict"))  # fmt: skip
+    expected = ds.dataset(tmp_path / "scores").to_table()["score"].to_numpy()
+    got = load_exported(tmp_path / "export")(pa.table(rows))["score"]
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)

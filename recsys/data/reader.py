@@ -315,7 +315,7 @@ def open_split(
     check_pieces(pieces, spec, data)
     return SplitReader(
         pieces,
-        BatchConverter(spec, data.dense_fill_value, data.oov, quality, data.missing_id, vocab),
+        BatchConverter.of(spec, data, quality, vocab),
         data.batch_size if train else data.eval_batch_size,
         row_filter=row_filter,
         rank=rank,
