@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys import checkpoint, export, predict
-from recsys.config import BadFilePolicy, LabelKind
+from recsys.config import BadFilePolicy, LabelKind, SplitConfig
 from recsys.data.batches import DataQuality
 from recsys.data.reader import open_split
 from recsys.data.sources import BadFile, filesystem, readable
@@ -230,3 +230,51 @@ def test_dense_values_out_of_range_and_an_overlong_list_are_clipped_cut_and_coun
     expected = ds.dataset(tmp_path / "scores").to_table()["score"].to_numpy()
     got = load_exported(tmp_path / "export")(pa.table(rows))["score"]
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+
+
+def test_rows_a_filter_empties_are_left_out_and_an_emptied_split_stops_in_one_line(tmp_path):
+    xs = numbered(tmp_path, [7, 13, 5])  # row groups of 5 rows
+    # part-0's second row group and all of part-1 have no row left
+    reader = open_split(config(tmp_path, filter="x < 5 or x >= 20"), "train", DataQuality(), True)
+    assert [len(b.labels) for b in reader] == [4, 4, 2] and rows_of(reader) == xs[:5] + xs[20:]
+    out, text = train(tmp_path, tmp_path / "run", *TINY, "data.dense=[x]",
+                      "data.train.filter='x > 1000'")  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in text, text[-3000:]
+    [line] = error_lines(text)
+    assert f"the filters leave no rows in {tmp_path} (split train: train): " in line
+    assert "data.train.filter='x > 1000'; loosen the filter" in line
+
+
+@pytest.mark.parametrize(
+    "split,over,ranks,message",
+    [
+        ("validation", {"validation": SplitConfig(["train"], "x > 1000")}, 1,
+         r"leave no rows in \S+ \(split validation: train\): data.validation.filter='x > 1000'"),
+        ("train", {"filter": "x < 3", "drop_remainder": True}, 1,
+         r"makes no train step: 3 rows after data.filter='x < 3', fewer than one batch of "
+         r"data.batch_size=4, and data.drop_remainder=true drops a short batch: lower data.batch_"
+         r"size, set data.drop_remainder=false or loosen the filter$"),
+        ("train", {"filter": "x < 5"}, 2,  # one row group left: rank 1 gets none
+         r"makes no train step: 0 rows on rank 1 of 2 after data.filter='x < 5', fewer than one "
+         r"batch .* on 2 ranks a short batch is dropped .* use fewer ranks"),
+    ],
+    ids=["validation-emptied", "shorter-than-a-batch", "a-rank-without-rows"],
+)  # fmt: skip
+def test_a_split_or_a_rank_a_filter_leaves_without_a_batch_fails_in_one_line(
+    tmp_path, split, over, ranks, message
+):
+    numbered(tmp_path, [7, 13])
+    for rank in range(ranks):  # every rank finds the same: none starts a step the others miss
+        with pytest.raises(DataError, match=message):
+            open_split(config(tmp_path, **over), split, DataQuality(), split == "train",
+                       rank=rank, world_size=ranks)  # fmt: skip
+
+
+def test_a_split_without_rows_says_why_empty_files_or_every_label_left_out(tmp_path):
+    write(tmp_path / "train", pa.table(ctr_rows(3)).slice(0, 0))
+    with pytest.raises(DataError, match=r"\(split train: train\) has no rows: its files are empty"):
+        open_split(config(tmp_path), "train", DataQuality(), train=True)
+    rows = ctr_rows(3) | {"y": [np.nan, np.inf, None]}
+    write(tmp_path / "train", pa.table(rows))
+    with pytest.raises(DataError, match=r"every row of .* has a null, NaN or inf label y \(3 rows"):
+        open_split(config(tmp_path, **SKIP), "train", DataQuality(), train=True)
