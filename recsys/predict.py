@@ -146,6 +146,8 @@ def run(cfg: DictConfig) -> dict:
                 for rb in piece.fragment.to_batches(
                     columns=read, filter=row_filter, batch_size=batch_size
                 ):
+                    if not rb.num_rows:  # the filter left none of these rows
+                        continue
                     batch = convert(with_label(rb, part.label), path)
                     inputs = pad_inputs(spec, part, batch.dense_features, batch.sparse_features)
                     out = pa.table({k: rb.column(k) for k in keys} | head(*inputs))

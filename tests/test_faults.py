@@ -237,7 +237,14 @@ def test_rows_a_filter_empties_are_left_out_and_an_emptied_split_stops_in_one_li
     # part-0's second row group and all of part-1 have no row left
     reader = open_split(config(tmp_path, filter="x < 5 or x >= 20"), "train", DataQuality(), True)
     assert [len(b.labels) for b in reader] == [4, 4, 2] and rows_of(reader) == xs[:5] + xs[20:]
-    out, text = train(tmp_path, tmp_path / "run", *TINY, "data.dense=[x]",
+    # predict reads batches of 2: of part-2 (x 20..24), [20, 21] has no row left
+    kept = "data.filter='x < 5 or x >= 22'"
+    run_dir, out = tmp_path / "run", tmp_path / "scores"
+    run(compose_cfg(f"data.path={tmp_path}", *QUICK, *TINY, "data.dense=[x]", kept), run_dir)
+    predict.run(compose_cfg(f"run={run_dir}", f"output={out}", "split=train", "batch_size=2",
+                            config_name="predict"))  # fmt: skip
+    assert ds.dataset(out).count_rows() == 8
+    out, text = train(tmp_path, tmp_path / "emptied", *TINY, "data.dense=[x]",
                       "data.train.filter='x > 1000'")  # fmt: skip
     assert out.returncode == 2 and "Traceback" not in text, text[-3000:]
     [line] = error_lines(text)
