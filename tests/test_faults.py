@@ -19,6 +19,7 @@ import pytest
 
 from recsys import checkpoint, export, predict
 from recsys.config import BadFilePolicy, LabelKind, SplitConfig
+from recsys.data import vocabulary
 from recsys.data.batches import DataQuality
 from recsys.data.reader import open_split
 from recsys.data.sources import BadFile, filesystem, readable
@@ -82,6 +83,7 @@ def test_a_file_gone_after_listing_is_named_as_such(tmp_path):
 
 PERMISSION = """
 import sys
+from recsys.data import vocabulary
 from recsys.data.batches import DataQuality
 from recsys.data.reader import open_split
 from recsys.errors import exit_on_user_error
@@ -244,6 +246,8 @@ def test_rows_a_filter_empties_are_left_out_and_an_emptied_split_stops_in_one_li
     predict.run(compose_cfg(f"run={run_dir}", f"output={out}", "split=train", "batch_size=2",
                             config_name="predict"))  # fmt: skip
     assert ds.dataset(out).count_rows() == 8
+    with pytest.raises(DataError, match=r"leave no rows in .*data.filter='x > 1000'; loosen"):
+        vocabulary.build(config(tmp_path, filter="x > 1000"))  # writes no empty vocabulary
     out, text = train(tmp_path, tmp_path / "emptied", *TINY, "data.dense=[x]",
                       "data.train.filter='x > 1000'")  # fmt: skip
     assert out.returncode == 2 and "Traceback" not in text, text[-3000:]
