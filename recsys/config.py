@@ -222,6 +222,8 @@ class DataConfig:
     # "column:rows" entries: a categorical column and the rows of its embedding table
     categorical: list[str] = field(default_factory=list)
     dense_fill_value: float = 0.0
+    dense_max_abs: float = 1.0e6  # dense values beyond +-this (inf too) are clipped to it
+    max_list_length: int | None = 10_000  # longer categorical lists keep their first ids
     oov: OovPolicy = OovPolicy.mod
     missing_id: int | None = None
     # size tables by and map ids through the vocabularies `python -m recsys.vocabulary` wrote
@@ -253,6 +255,13 @@ class DataConfig:
         _positive("data.missing_id", self.missing_id, allow_zero=True)
         _positive("data.vocabulary_min_count", self.vocabulary_min_count)
         _positive("data.max_bad_files", self.max_bad_files, allow_zero=True)
+        _positive("data.dense_max_abs", self.dense_max_abs)
+        _positive("data.max_list_length", self.max_list_length)
+        if abs(self.dense_fill_value) > self.dense_max_abs:
+            raise ConfigError(
+                f"data.dense_fill_value={self.dense_fill_value} is beyond data.dense_max_abs="
+                f"{self.dense_max_abs}: use a fill value inside it, or raise data.dense_max_abs"
+            )
         if not self.train.paths:
             raise ConfigError("data.train.paths is empty: name the train files, e.g. [train]")
         if not self.categorical:

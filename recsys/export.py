@@ -126,6 +126,8 @@ def metadata(model: nn.Module, spec: FeatureSpec, data: DataConfig, run_dir: Pat
         ],
         "types": column_types(data, [*spec.dense, *spec.categorical_names]),
         "dense_fill_value": data.dense_fill_value,
+        "dense_max_abs": data.dense_max_abs,
+        "max_list_length": data.max_list_length,
         "oov": data.oov.value,
         "missing_id": data.missing_id,
         "pooling": model.ebc.embedding_bag_configs()[0].pooling.name.lower(),

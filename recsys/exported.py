@@ -95,6 +95,11 @@ def as_table(batch: Any, columns: list[str]) -> pa.Table:
     return pa.table(out) if out else pa.table({})
 
 
+def _floats(values: pa.Array) -> np.ndarray:
+    """float32 values; integers past float32's exact range (2^24) round, as numpy's would."""
+    return pc.cast(values, pa.float32(), safe=False).to_numpy(zero_copy_only=False)
+
+
 def dense_values(col: pa.Array, name: str, role: str = "dense", where: str = "") -> np.ndarray:
     """A float32 copy of a numeric column (NaN where null); a list holds at most one number."""
     inner = col.type.value_type if is_list(col.type) else col.type
@@ -102,7 +107,7 @@ def dense_values(col: pa.Array, name: str, role: str = "dense", where: str = "")
             or pa.types.is_boolean(inner) or pa.types.is_null(inner)):  # fmt: skip
         raise InputError(f"column '{name}' ({role}){where} has type {col.type}; it must be numeric")
     if not is_list(col.type):
-        return pc.cast(col, pa.float32()).to_numpy(zero_copy_only=False).astype(np.float32)
+        return _floats(col).astype(np.float32)
     lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy()
     if len(lengths) and lengths.max() > 1:
         raise InputError(
@@ -110,9 +115,29 @@ def dense_values(col: pa.Array, name: str, role: str = "dense", where: str = "")
             "is configured as one number a row"
         )
     out = np.full(len(col), np.nan, dtype=np.float32)
-    flat = pc.cast(pc.list_flatten(col), pa.float32()).to_numpy(zero_copy_only=False)
+    flat = _floats(pc.list_flatten(col))
     out[lengths == 1] = flat
     return out
+
+
+def clip_dense(x: np.ndarray, max_abs: float | None) -> np.ndarray:
+    """Values beyond +-max_abs (inf too) set to +-max_abs in place; returns which were."""
+    outside = np.abs(x) > max_abs if max_abs is not None else np.zeros(len(x), bool)
+    if outside.any():
+        x[outside] = np.copysign(np.float32(max_abs), x[outside])
+    return outside
+
+
+def cap_lists(
+    flat: pa.Array, lengths: np.ndarray, cap: int | None
+) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """Lists of more than `cap` ids cut to their first `cap`; also which rows were cut."""
+    cut = lengths > cap if cap is not None else np.zeros(len(lengths), bool)
+    if not cut.any():
+        return flat, lengths, cut
+    starts = np.cumsum(lengths) - lengths
+    within = np.arange(len(flat)) - np.repeat(starts, lengths)  # an id's place in its list
+    return flat.filter(pa.array(within < cap)), np.minimum(lengths, cap), cut
 
 
 def bags(col: pa.Array, name: str) -> tuple[pa.Array, np.ndarray | None]:
@@ -190,6 +215,7 @@ class Features:
         dense = torch.zeros(n, len(self.all_dense))
         for name in self.dense:
             x = dense_values(table.column(name).combine_chunks(), name)
+            clip_dense(x, self.meta.get("dense_max_abs"))  # absent: an export from before it
             x[np.isnan(x)] = self.meta["dense_fill_value"]
             dense[:, self.all_dense.index(name)] = torch.from_numpy(x)
         k, first_order = self.meta["embedding_dim"], self.meta["first_order"]
@@ -198,6 +224,8 @@ class Features:
         for c in self.categorical:
             name = c["name"]
             flat, lengths = bags(table.column(name).combine_chunks(), name)
+            if lengths is not None:
+                flat, lengths, _ = cap_lists(flat, lengths, self.meta.get("max_list_length"))
             if c["vocabulary"]:
                 keys = self.tables[f"vocab_keys_{name}"].numpy().view(np.uint64)
                 values = vocab_lookup(keys, self.tables[f"vocab_rows_{name}"].numpy(), flat)

@@ -132,14 +132,7 @@ def run(cfg: DictConfig) -> dict:
     if typed.paths:  # files of their own, not the split's
         where = f"{data.path} (paths: {', '.join(typed.paths)})"
     check_columns(pieces, part, keys)
-    convert = BatchConverter(
-        part,
-        data.dense_fill_value,
-        data.oov,
-        DataQuality(),
-        data.missing_id,
-        vocabulary.for_data(data),
-    )
+    convert = BatchConverter.of(part, data, DataQuality(), vocabulary.for_data(data))
     batch_size = typed.batch_size or data.eval_batch_size
     read = list(dict.fromkeys([*part.dense, *part.categorical_names, *keys]))
     start = time.perf_counter()
@@ -153,6 +146,8 @@ def run(cfg: DictConfig) -> dict:
                 for rb in piece.fragment.to_batches(
                     columns=read, filter=row_filter, batch_size=batch_size
                 ):
+                    if not rb.num_rows:  # the filter left none of these rows
+                        continue
                     batch = convert(with_label(rb, part.label), path)
                     inputs = pad_inputs(spec, part, batch.dense_features, batch.sparse_features)
                     out = pa.table({k: rb.column(k) for k in keys} | head(*inputs))

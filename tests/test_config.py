@@ -67,6 +67,9 @@ def test_defaults():
         ("trainer.lr_schedule.min_ratio=2", "trainer.lr_schedule.min_ratio=2.0 is out of range"),
         ("data.dense=[d0,c1]", r"column\(s\) \['c1'\] are configured twice"),
         ("data.dense=[d0,d0]", r"column\(s\) \['d0'\] are configured twice"),
+        ("data.dense_max_abs=0", "data.dense_max_abs=0.0 is out of range"),
+        ("data.max_list_length=0", "data.max_list_length=0 is out of range"),
+        ("data.dense_fill_value=-1e7", r"data.dense_fill_value=-10000000.0 is beyond data.dense_m"),
     ],
 )
 def test_out_of_range_values_name_the_key(override, message):

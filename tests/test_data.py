@@ -56,6 +56,8 @@ def test_list_and_scalar_columns_become_kjt_values_and_lengths():
         "dense_nulls_filled": {"x": 2},
         "categorical_nulls": {"a": 1, "tags": 2},  # a null, and tags' empty and null lists
         "out_of_range_ids": {"a": 1},
+        "dense_values_clipped": {},
+        "lists_truncated": {},
     }
 
 

@@ -135,7 +135,7 @@ def test_a_source_without_rows_or_a_column_is_named(tmp_path):
     data.sources["b"].filter = "x < 0"
     with pytest.raises(DataError, match=r"^source b: the filters leave no rows in .*/b") as e:
         open_mix(data, {}, None, seed=0)
-    assert "check data.sources.b.filter / data.sources.b.train.filter" in str(e.value)
+    assert "(split train: train): data.sources.b.filter='x < 0'; loosen the filter" in str(e.value)
     c = write_source(tmp_path / "c", 8, 0, a=np.zeros(8))  # ids as floats
     sources = {"a": train_only(str(tmp_path / "a")), "c": train_only(c)}
     data = config(tmp_path / "a", sources=sources)

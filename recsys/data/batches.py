@@ -13,10 +13,18 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys.config import LabelKind, OovPolicy
+from recsys.config import DataConfig, LabelKind, OovPolicy
 from recsys.data.features import FeatureSpec
 from recsys.errors import DataError
-from recsys.exported import InputError, dense_values, hash_strings, is_list, is_string
+from recsys.exported import (
+    InputError,
+    cap_lists,
+    clip_dense,
+    dense_values,
+    hash_strings,
+    is_list,
+    is_string,
+)
 
 
 def _role(spec: FeatureSpec, column: str) -> str:
@@ -95,6 +103,8 @@ class DataQuality:
     dense_nulls: Counter = field(default_factory=Counter)
     categorical_nulls: Counter = field(default_factory=Counter)
     oov_ids: Counter = field(default_factory=Counter)
+    dense_clipped: Counter = field(default_factory=Counter)  # beyond data.dense_max_abs, or inf
+    lists_truncated: Counter = field(default_factory=Counter)  # past data.max_list_length
     # of the whole split, found by every rank before reading (data.bad_files=skip): merged by max
     skipped_files: Counter = field(default_factory=Counter)  # path -> 1
     skipped_labels: Counter = field(default_factory=Counter)  # label column -> rows left out
@@ -106,6 +116,8 @@ class DataQuality:
             "dense_nulls_filled": dict(self.dense_nulls),
             "categorical_nulls": dict(self.categorical_nulls),
             "out_of_range_ids": dict(self.oov_ids),
+            "dense_values_clipped": dict(self.dense_clipped),
+            "lists_truncated": dict(self.lists_truncated),
         } | {k: dict(v) for k, v in skipped.items() if v}
 
     @classmethod
@@ -114,19 +126,25 @@ class DataQuality:
             Counter(d["dense_nulls_filled"]),
             Counter(d["categorical_nulls"]),
             Counter(d["out_of_range_ids"]),
+            Counter(d.get("dense_values_clipped", {})),  # absent from older checkpoints
+            Counter(d.get("lists_truncated", {})),
             Counter(d.get("skipped_files", {})),
             Counter(d.get("skipped_bad_labels", {})),
         )
 
     def clear(self) -> None:
         """Forget the repairs of a pass (what was skipped is the split's, and stays)."""
-        for counts in (self.dense_nulls, self.categorical_nulls, self.oov_ids):
+        for counts in self.repairs():
             counts.clear()
 
+    def repairs(self) -> tuple[Counter, ...]:
+        """The counts of values repaired in the rows read (not of the split's skipped parts)."""
+        return (self.dense_nulls, self.categorical_nulls, self.oov_ids, self.dense_clipped,
+                self.lists_truncated)  # fmt: skip
+
     def add(self, other: DataQuality) -> None:
-        self.dense_nulls.update(other.dense_nulls)
-        self.categorical_nulls.update(other.categorical_nulls)
-        self.oov_ids.update(other.oov_ids)
+        for mine, theirs in zip(self.repairs(), other.repairs(), strict=True):
+            mine.update(theirs)
         self.skipped_files |= other.skipped_files
         self.skipped_labels |= other.skipped_labels
 
@@ -214,6 +232,9 @@ class BatchConverter:
         quality: DataQuality,
         missing_id: int | None = None,
         vocab: dict | None = None,
+        *,
+        dense_max_abs: float | None = None,
+        max_list_length: int | None = None,
     ):
         self.spec = spec
         self.fill_value = fill_value
@@ -221,6 +242,16 @@ class BatchConverter:
         self.quality = quality
         self.missing_id = missing_id
         self.vocab = vocab
+        self.dense_max_abs = dense_max_abs
+        self.max_list_length = max_list_length
+
+    @classmethod
+    def of(
+        cls, spec: FeatureSpec, data: DataConfig, quality: DataQuality, vocab: dict | None
+    ) -> BatchConverter:
+        """The converter with data.*'s repairs: fill value, oov, missing id and limits."""
+        limits = {"dense_max_abs": data.dense_max_abs, "max_list_length": data.max_list_length}
+        return cls(spec, data.dense_fill_value, data.oov, quality, data.missing_id, vocab, **limits)
 
     def __call__(self, table: pa.Table, source: str) -> Batch:
         """All rows of table as one `Batch`, its repairs counted in self.quality."""
@@ -236,6 +267,8 @@ class BatchConverter:
         dense = np.empty((table.num_rows, len(self.spec.dense)), dtype=np.float32)
         for j, name in enumerate(self.spec.dense):
             x = self._scalar(table.column(name), name, source)
+            if (clipped := clip_dense(x, self.dense_max_abs)).any():
+                repairs.append(("dense_clipped", name, clipped))
             missing = np.isnan(x)
             if missing.any():
                 repairs.append(("dense_nulls", name, missing))
@@ -286,6 +319,9 @@ class BatchConverter:
                     f"list column '{name}' in {source} holds null ids inside its lists; "
                     "drop them from the lists"
                 )
+            flat, lengths, cut = cap_lists(flat, lengths, self.max_list_length)
+            if cut.any():
+                repairs.append(("lists_truncated", name, cut))
         elif col.null_count:
             lengths = col.is_valid().to_numpy(zero_copy_only=False).astype(np.int64)
             flat = col.drop_null()

@@ -25,7 +25,7 @@ from recsys.config import DataConfig, FileFormat
 from recsys.data import vocabulary
 from recsys.data.batches import BatchConverter, DataQuality, Padding, check_ranges, check_schema
 from recsys.data.features import FeatureSpec
-from recsys.data.sources import Piece, read_error, split_pieces
+from recsys.data.sources import Piece, filters_of, no_rows, read_error, split_pieces
 from recsys.errors import DataError
 
 T = TypeVar("T")
@@ -125,10 +125,10 @@ class SplitReader:
         self.num_rows = sum(p.rows for share in self.shares[rank] for p in share)
         # rows of every rank's share (num_rows: this rank's)
         self.total_rows = sum(p.rows for ranks in self.shares for w in ranks for p in w)
-        counts = [
+        self.counts = [  # batches of each rank's share
             sum(self._batches_of(share) for share in rank_shares) for rank_shares in self.shares
         ]
-        self._len = max(counts) if pad else min(counts)
+        self._len = max(self.counts) if pad else min(self.counts)
         if max_batches is not None:
             self._len = min(self._len, max_batches)
 
@@ -309,13 +309,11 @@ def open_split(
     spec = FeatureSpec.from_data_config(data, vocab)
     pieces, row_filter, where = split_pieces(data, split, quality)
     if not pieces:
-        raise DataError(
-            f"the filters leave no rows in {where}: check data.filter / data.{split}.filter"
-        )
+        raise no_rows(data, split, where, quality)
     check_pieces(pieces, spec, data)
-    return SplitReader(
+    reader = SplitReader(
         pieces,
-        BatchConverter(spec, data.dense_fill_value, data.oov, quality, data.missing_id, vocab),
+        BatchConverter.of(spec, data, quality, vocab),
         data.batch_size if train else data.eval_batch_size,
         row_filter=row_filter,
         rank=rank,
@@ -328,6 +326,33 @@ def open_split(
         max_batches=max_batches,
         pad=not train,
         where=where,
+    )
+    if train and not len(reader):
+        raise _no_step(reader, data, split)
+    return reader
+
+
+def _no_step(reader: SplitReader, data: DataConfig, split: str) -> DataError:
+    """One line for a train split whose rows make no full batch on some rank's reader."""
+    rows = [sum(p.rows for share in shares for p in share) for shares in reader.shares]
+    rank, ranks, threads = reader.counts.index(0), reader.world_size, reader.workers
+    share = f"{rows[rank]:,} rows" + (f" on rank {rank} of {ranks}" if ranks > 1 else "")
+    share += f" over data.read_threads={threads} readers" if threads > 1 else ""
+    fixes = ["lower data.batch_size"]
+    if ranks == 1:
+        why = "data.drop_remainder=true drops a short batch"
+        fixes.append("set data.drop_remainder=false")
+    else:
+        why = f"on {ranks} ranks a short batch is dropped (every rank runs the same steps)"
+        fixes += ["use fewer ranks", "write the files in more, smaller row groups (each goes "
+                  "whole to one rank)"]  # fmt: skip
+    fixes += ["lower data.read_threads"] if threads > 1 else []
+    if filters := filters_of(data, split):
+        share += f" after {filters}"
+        fixes.append("loosen the filter")
+    return DataError(
+        f"{reader.where} makes no train step: {share}, fewer than one batch of "
+        f"data.batch_size={reader.batch_size}, and {why}: {', '.join(fixes[:-1])} or {fixes[-1]}"
     )
 
 

@@ -236,6 +236,32 @@ def _count_rows(
     return min(counted.count_rows(), group)
 
 
+def filters_of(data: DataConfig, name: str) -> str:
+    """The filters set on a split, as its keys and texts (empty when none)."""
+    split = data.split(name)
+    given = [("data.filter", data.filter), (f"data.{name}.filter", split and split.filter)]
+    return " and ".join(f"{key}={text!r}" for key, text in given if text)
+
+
+def no_rows(data: DataConfig, name: str, where: str, quality: DataQuality) -> DataError:
+    """Why a split has no rows left: its filters, labels left out, or files without rows."""
+    bad_labels = quality.skipped_labels[data.label]
+    skipped = f" ({bad_labels:,} rows with a null, NaN or inf {data.label} left out too)"
+    if filters := filters_of(data, name):
+        return DataError(
+            f"the filters leave no rows in {where}: {filters}"
+            f"{skipped if bad_labels else ''}; loosen the filter or check its column's values"
+        )
+    if bad_labels:
+        return DataError(
+            f"every row of {where} has a null, NaN or inf label {data.label} ({bad_labels:,} "
+            "rows, left out under data.bad_files=skip): fix the labels"
+        )
+    return DataError(
+        f"{where} has no rows: its files are empty; point data.{name}.paths at files with rows"
+    )
+
+
 def split_pieces(
     data: DataConfig, name: str, quality: DataQuality | None = None
 ) -> tuple[list[Piece], ds.Expression | None, str]:

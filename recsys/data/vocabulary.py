@@ -21,7 +21,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from recsys.config import DataConfig, demo_dir
-from recsys.data.sources import filesystem, split_pieces
+from recsys.data.batches import DataQuality
+from recsys.data.sources import filesystem, no_rows, split_pieces
 from recsys.errors import DataError
 from recsys.exported import id_keys, vocab_lookup
 
@@ -102,7 +103,10 @@ _LOADED: dict[tuple[str, str, str], Vocabulary] = {}
 def build(data: DataConfig) -> dict:
     """Count every categorical column's ids over the train split and write the vocabularies."""
     columns = list(data.tables)
-    pieces, row_filter, split = split_pieces(data, "train")
+    quality = DataQuality()
+    pieces, row_filter, split = split_pieces(data, "train", quality)
+    if not pieces:  # empty vocabularies would map every id to the out-of-vocabulary row
+        raise no_rows(data, "train", split, quality)
     counts: dict[str, list[pa.Table]] = {c: [] for c in columns}
     rows = 0
     for piece in pieces:
