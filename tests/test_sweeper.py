@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +22,15 @@ from tests.conftest import ROOT, cli
 APP = ROOT / "tests" / "sweep_app" / "app.py"
 
 
-def sweep_app(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """Run the tiny app as a multirun through our sweeper."""
+def sweep_app(
+    sweep_dir: Path, *overrides: str, file_limit: int | None = None
+) -> subprocess.CompletedProcess:
+    """Run the tiny app as a multirun through our sweeper; file_limit: RLIMIT_FSIZE in bytes."""
+
+    def limit() -> None:
+        if file_limit is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+
     return subprocess.run(
         [sys.executable, str(APP), "--multirun", f"hydra.sweep.dir={sweep_dir}", *overrides],
         env={**os.environ, "HYDRA_FULL_ERROR": "0"},
@@ -29,6 +38,7 @@ def sweep_app(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
         stderr=subprocess.STDOUT,
         text=True,
         timeout=300,
+        preexec_fn=limit,
     )
 
 
@@ -86,6 +96,23 @@ def test_failure_budget_stops_the_sweep_with_one_message(tmp_path):
     assert "2 trials failed in this session, more than hydra.sweeper.max_failures=1" in out.stdout
     assert "Traceback" not in out.stdout
     assert states(load(tmp_path)) == [TrialState.FAIL] * 2
+
+
+def test_a_full_disk_under_the_study_keeps_its_complete_records_and_it_resumes(tmp_path):
+    journal = tmp_path / "optuna.journal"
+    # ~1 kB of records a trial: the limit is reached mid-sweep, above any other file's size
+    out = sweep_app(tmp_path, "hydra.sweeper.n_trials=8", file_limit=6000)
+    assert out.returncode != 0 and "Traceback" not in out.stdout, out.stdout
+    [line] = [x for x in out.stdout.splitlines() if "writing the study" in x]
+    assert f"writing the study to {journal} failed: the file size limit" in line
+    assert "its complete records are kept, the partial one removed" in line
+    assert "run the same command again: it resumes the study" in line
+    text = journal.read_bytes()
+    assert text.endswith(b"\n") and all(json.loads(x) for x in text.splitlines())
+    assert 0 < len(states(load(tmp_path))) < 8
+    out = sweep_app(tmp_path, "hydra.sweeper.n_trials=8")
+    assert out.returncode == 0, out.stdout
+    assert states(load(tmp_path)).count(TrialState.COMPLETE) == 8
 
 
 def test_multi_objective_study_reports_the_pareto_front(tmp_path):

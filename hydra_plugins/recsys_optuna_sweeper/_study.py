@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from recsys.errors import RecsysError
+from recsys.outputs import write_text
 from recsys.sweep_trial import job_overrides
 
 from ._results import shown, write_results
@@ -159,7 +160,7 @@ def run_study(
     spec = storage_spec(settings.storage, str(sweep_dir))
     study = _open_study(settings, spec, directions)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(config, sweep_dir / "multirun.yaml")
+    write_text(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(config))
     tracked = _tracked(config, study, sweep_dir)
     try:
         _run_trials(settings, study, space, sweep_dir, spec, launcher, directions)
