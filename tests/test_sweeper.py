@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,60 @@ def test_crashed_and_nan_trials_fail_and_the_sweep_goes_on(tmp_path):
     for t in failed:
         reason = t.user_attrs["failure"]
         assert ("crashed on purpose" in reason) if t.params["crash"] else ("not finite" in reason)
+
+
+def test_a_trial_killed_or_out_of_memory_fails_alone_with_why_and_the_sweep_goes_on(tmp_path):
+    out = sweep_app(
+        tmp_path,
+        "hydra/launcher=submitit_local",
+        "x=1.0",
+        "y=0",
+        "fault=choice(none,kill,memory)",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.sampler._target_=optuna.samplers.BruteForceSampler",
+    )
+    assert out.returncode == 0, out.stdout
+    trials = load(tmp_path).trials
+    for t in trials:
+        fault, reason = t.params["fault"], t.user_attrs.get("failure")
+        if fault == "none":
+            assert t.state is TrialState.COMPLETE and t.value == 1.0
+        elif fault == "memory":
+            assert t.state is TrialState.FAIL and reason == "MemoryError: out of memory"
+        else:
+            assert t.state is TrialState.FAIL and reason.endswith("_log.err")
+            assert reason.startswith(
+                "the trial's process was killed by signal 9 (SIGKILL: out of memory, see dmesg"
+            )
+            assert f"trial {t.number} failed: {reason}" in out.stdout
+    # batches of two: a kill took no other trial of its batch along, and later batches ran
+    killed = [t.number for t in trials if t.params["fault"] == "kill"]
+    assert any(trials[n ^ 1].state is TrialState.COMPLETE for n in killed)
+    assert len(trials) > 2
+
+
+def test_a_trial_that_kills_the_sweep_itself_is_retried_once_and_the_sweep_goes_on(tmp_path):
+    # the basic launcher runs a trial in the sweep's own process: a SIGKILL ends both
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    optuna.create_study(study_name="toy", direction="minimize", storage=storage).enqueue_trial(
+        {"fault": "kill"}
+    )
+    args = ("x=1.0", "y=0", "fault=choice(none,kill)", "hydra.sweeper.n_trials=1")
+    args += ("hydra.sweeper.sampler._target_=optuna.samplers.BruteForceSampler",)
+    for _ in range(2):  # the trial, then its retry
+        out = sweep_app(tmp_path, *args)
+        assert out.returncode == -signal.SIGKILL, out.stdout
+    assert "re-queued with the same parameters" in out.stdout
+    out = sweep_app(tmp_path, *args)
+    assert out.returncode == 0, out.stdout
+    first, retry, last = load(tmp_path).trials
+    assert first.state is retry.state is TrialState.FAIL and retry.user_attrs["retry_of"] == 0
+    assert first.user_attrs["failure"] == (
+        "the sweep stopped while it ran (interrupted, or killed: out of memory?): re-queued with "
+        "the same parameters"
+    )
+    assert "as when these parameters ran as trial 0: not re-queued again" in out.stdout
+    assert last.params == {"fault": "none"} and last.state is TrialState.COMPLETE
 
 
 def test_failure_budget_stops_the_sweep_with_one_message(tmp_path):
