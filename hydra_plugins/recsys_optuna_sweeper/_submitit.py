@@ -70,6 +70,7 @@ def _submit(
 ) -> list[Any]:
     """The batch's jobs, each running the launcher on its overrides in the sweep dir."""
     sweep = launcher.config.hydra.sweep
+    log.info("Submitit '%s' sweep output dir : %s", launcher._EXECUTOR, sweep.dir)
     Path(str(sweep.dir)).mkdir(parents=True, exist_ok=True)
     if "mode" in sweep:
         os.chmod(str(sweep.dir), mode=int(str(sweep.mode), 8))
