@@ -23,6 +23,7 @@ from ._parent import KILLED
 
 log = logging.getLogger(__name__)
 PARENT = "hydra_plugins.recsys_optuna_sweeper._parent"
+SLURM_ERRORS = ("srun: error:", "slurmstepd: error:")  # e.g. "task 0: Killed", "oom_kill event"
 SLURM_HINTS = {
     "OUT_OF_MEMORY": ": out of memory, raise hydra.launcher.mem_gb or lower the batch size",
     "TIMEOUT": ": past hydra.launcher.timeout_min",
@@ -90,30 +91,40 @@ def _submit(
 
 def _result(job: Any) -> JobReturn | str:
     """The job's JobReturn, or in words why it left none, naming its log."""
-    from submitit.core.utils import FailedJobError, UncompletedJobError, pickle_load
+    from submitit.core.utils import FailedJobError, UncompletedJobError
 
     job.wait()
     where = f"; its log: {job.paths.stderr}"
-    killed = None if job.paths.result_pickle.exists() else _killed(job)
+    killed = None if job.paths.result_pickle.exists() else _logged(job, (KILLED,))
     if killed:
-        return killed + where
+        return killed.removeprefix("recsys: ") + where
     try:
         return job.results()[0]
-    except FailedJobError:  # raised outside the trial, by Hydra or submitit in the job
-        trace = pickle_load(job.paths.result_pickle)[1].strip().splitlines()
-        return f"job {job.job_id} failed outside the trial: {trace[-1]}" + where
+    except FailedJobError as e:  # raised outside the trial, by Hydra or submitit in the job
+        return f"job {job.job_id} failed outside the trial: {_last_line(e)}" + where
     except UncompletedJobError:
         state = str(job.state)
         hint = next((h for s, h in SLURM_HINTS.items() if state.startswith(s)), "")
-        return f"job {job.job_id} ended without a result (state {state}{hint})" + where
+        said = _logged(job, SLURM_ERRORS)
+        return f"job {job.job_id} ended without a result (state {state}{hint})" + (
+            f": {said}{where}" if said else where
+        )
 
 
-def _killed(job: Any) -> str | None:
-    """The line `_parent` logged for a task killed by a signal, if one was."""
+def _logged(job: Any, starts: tuple[str, ...]) -> str | None:
+    """The last line of a task's error log that starts with one of `starts`, if any."""
     for task in range(job.num_tasks):
         path = job.task(task).paths.stderr
         lines = path.read_text(errors="replace").splitlines() if path.exists() else []
-        found = [line for line in lines if line.startswith(KILLED)]
+        found = [line for line in lines if line.startswith(starts)]
         if found:
-            return found[-1].removeprefix("recsys: ")
+            return found[-1]
     return None
+
+
+def _last_line(error: Exception) -> str:
+    """The exception that ended a job: the last line of the trace its FailedJobError carries
+    between two dashed rules."""
+    parts = str(error).split("\n----------------------\n")
+    lines = (parts[1] if len(parts) > 2 else str(error)).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
