@@ -73,8 +73,13 @@ def is_write_failure(error: BaseException) -> bool:
     )
 
 
-def write_failed(what: str, path: Path, error: BaseException, kept: str) -> WriteFailed:
-    """One line: what could not be written where, what filled, and what is kept."""
+RERUN = "free space there (or set hydra.run.dir to another disk), then run the same command again"
+
+
+def write_failed(
+    what: str, path: Path, error: BaseException, kept: str, fix: str = RERUN
+) -> WriteFailed:
+    """One line: what could not be written where, what filled, what is kept and the fix."""
     reason = _FILLED.get(_errno(error) or 0)
     if reason is None and resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
         reason = "the file size limit (ulimit -f) was reached, or the disk is full"
@@ -82,6 +87,5 @@ def write_failed(what: str, path: Path, error: BaseException, kept: str) -> Writ
         text = str(error).strip()
         reason = text.splitlines()[0] if text else type(error).__name__
     return WriteFailed(
-        f"writing {what} to {path} failed: {reason}; {kept}, the partial one removed: free "
-        "space there (or set hydra.run.dir to another disk), then run the same command again"
+        f"writing {what} to {path} failed: {reason}; {kept}, the partial one removed: {fix}"
     )

@@ -8,8 +8,14 @@ imports the sweeper.
 
 from __future__ import annotations
 
+import json
 import os
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+
+from recsys.errors import write_failed
 
 if TYPE_CHECKING:
     import optuna
@@ -34,11 +40,44 @@ def _quoted(value: str) -> str:
 def storage_of(spec: str) -> BaseStorage:
     """The study storage a spec names: a journal file path, or an RDB URL such as sqlite."""
     from optuna.storages import JournalStorage, RDBStorage
-    from optuna.storages.journal import JournalFileBackend
 
     if "://" not in spec:
-        return JournalStorage(JournalFileBackend(spec))
+        return JournalStorage(WholeRecordJournal(spec))
     return RDBStorage(spec)
+
+
+class WholeRecordJournal(JournalFileBackend):
+    """A journal file whose appends land whole or not at all: a failed write (full disk) is cut
+    back off, so the records before it stay readable and a later append cannot merge into it."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.lock = path, JournalFileSymlinkLock(path)
+        super().__init__(path, lock_obj=self.lock)
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        data = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs).encode()
+        self.lock.acquire()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except OSError as e:
+                os.ftruncate(fd, end)
+                raise write_failed(
+                    "the study",
+                    Path(self.path),
+                    e,
+                    "its complete records are kept",
+                    "free space there, then run the same command again: it resumes the study",
+                ) from None
+            finally:
+                os.close(fd)
+        finally:
+            self.lock.release()
 
 
 def current_trial() -> optuna.Trial | None:

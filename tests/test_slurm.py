@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from tests.conftest import ROOT, assert_same_run, cli, metrics_of, torchrun_command
 from tests.test_sweep import small_sweep, study_of
+from tests.test_sweeper import load, sweep_app
 
 
 def _slurm_problem() -> str | None:
@@ -72,6 +73,25 @@ def test_multi_task_job_joins_one_process_group_and_rank0_writes(small_data, tmp
     assert study_of(tmp_path, "fm").trials[0].state is TrialState.COMPLETE
     task_logs = sorted(Path(tmp_path, ".submitit").rglob("*_log.out"))
     assert len(task_logs) == 2
+
+
+def test_a_killed_trial_fails_alone_with_what_slurm_says(tmp_path):
+    out = sweep_app(
+        tmp_path,
+        "hydra/launcher=submitit_slurm",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.mem_gb=1",
+        "x=1.0",
+        "y=0",
+        "fault=choice(kill,memory)",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.sampler._target_=optuna.samplers.BruteForceSampler",
+    )
+    assert out.returncode == 0, out.stdout
+    reasons = {t.params["fault"]: t.user_attrs["failure"] for t in load(tmp_path).trials}
+    assert reasons["memory"] == "MemoryError: out of memory"  # its batch's dead job took nothing
+    assert "ended without a result (state FAILED): srun: error:" in reasons["kill"]
+    assert "task 0: Killed; its log: " in reasons["kill"]
 
 
 def _squeue_state(job_id: str) -> str:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +23,15 @@ from tests.conftest import ROOT, cli
 APP = ROOT / "tests" / "sweep_app" / "app.py"
 
 
-def sweep_app(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """Run the tiny app as a multirun through our sweeper."""
+def sweep_app(
+    sweep_dir: Path, *overrides: str, file_limit: int | None = None
+) -> subprocess.CompletedProcess:
+    """Run the tiny app as a multirun through our sweeper; file_limit: RLIMIT_FSIZE in bytes."""
+
+    def limit() -> None:
+        if file_limit is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+
     return subprocess.run(
         [sys.executable, str(APP), "--multirun", f"hydra.sweep.dir={sweep_dir}", *overrides],
         env={**os.environ, "HYDRA_FULL_ERROR": "0"},
@@ -29,6 +39,7 @@ def sweep_app(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
         stderr=subprocess.STDOUT,
         text=True,
         timeout=300,
+        preexec_fn=limit,
     )
 
 
@@ -80,12 +91,83 @@ def test_crashed_and_nan_trials_fail_and_the_sweep_goes_on(tmp_path):
         assert ("crashed on purpose" in reason) if t.params["crash"] else ("not finite" in reason)
 
 
+def test_a_trial_killed_or_out_of_memory_fails_alone_with_why_and_the_sweep_goes_on(tmp_path):
+    out = sweep_app(
+        tmp_path,
+        "hydra/launcher=submitit_local",
+        "x=1.0",
+        "y=0",
+        "fault=choice(none,kill,memory)",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.sampler._target_=optuna.samplers.BruteForceSampler",
+    )
+    assert out.returncode == 0, out.stdout
+    trials = load(tmp_path).trials
+    for t in trials:
+        fault, reason = t.params["fault"], t.user_attrs.get("failure")
+        if fault == "none":
+            assert t.state is TrialState.COMPLETE and t.value == 1.0
+        elif fault == "memory":
+            assert t.state is TrialState.FAIL and reason == "MemoryError: out of memory"
+        else:
+            assert t.state is TrialState.FAIL and reason.endswith("_log.err")
+            assert reason.startswith(
+                "the trial's process was killed by signal 9 (SIGKILL: out of memory, see dmesg"
+            )
+            assert f"trial {t.number} failed: {reason}" in out.stdout
+    # batches of two: a kill took no other trial of its batch along, and later batches ran
+    killed = [t.number for t in trials if t.params["fault"] == "kill"]
+    assert any(trials[n ^ 1].state is TrialState.COMPLETE for n in killed)
+    assert len(trials) > 2
+
+
+def test_a_trial_that_kills_the_sweep_itself_is_retried_once_and_the_sweep_goes_on(tmp_path):
+    # the basic launcher runs a trial in the sweep's own process: a SIGKILL ends both
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    optuna.create_study(study_name="toy", direction="minimize", storage=storage).enqueue_trial(
+        {"fault": "kill"}
+    )
+    args = ("x=1.0", "y=0", "fault=choice(none,kill)", "hydra.sweeper.n_trials=1")
+    args += ("hydra.sweeper.sampler._target_=optuna.samplers.BruteForceSampler",)
+    for _ in range(2):  # the trial, then its retry
+        out = sweep_app(tmp_path, *args)
+        assert out.returncode == -signal.SIGKILL, out.stdout
+    assert "re-queued with the same parameters" in out.stdout
+    out = sweep_app(tmp_path, *args)
+    assert out.returncode == 0, out.stdout
+    first, retry, last = load(tmp_path).trials
+    assert first.state is retry.state is TrialState.FAIL and retry.user_attrs["retry_of"] == 0
+    assert first.user_attrs["failure"] == (
+        "the sweep stopped while it ran (interrupted, or killed: out of memory?): re-queued with "
+        "the same parameters"
+    )
+    assert "as when these parameters ran as trial 0: not re-queued again" in out.stdout
+    assert last.params == {"fault": "none"} and last.state is TrialState.COMPLETE
+
+
 def test_failure_budget_stops_the_sweep_with_one_message(tmp_path):
     out = sweep_app(tmp_path, "crash=true", "hydra.sweeper.max_failures=1")
     assert out.returncode != 0
     assert "2 trials failed in this session, more than hydra.sweeper.max_failures=1" in out.stdout
     assert "Traceback" not in out.stdout
     assert states(load(tmp_path)) == [TrialState.FAIL] * 2
+
+
+def test_a_full_disk_under_the_study_keeps_its_complete_records_and_it_resumes(tmp_path):
+    journal = tmp_path / "optuna.journal"
+    # ~1 kB of records a trial: the limit is reached mid-sweep, above any other file's size
+    out = sweep_app(tmp_path, "hydra.sweeper.n_trials=8", file_limit=6000)
+    assert out.returncode != 0 and "Traceback" not in out.stdout, out.stdout
+    [line] = [x for x in out.stdout.splitlines() if "writing the study" in x]
+    assert f"writing the study to {journal} failed: the file size limit" in line
+    assert "its complete records are kept, the partial one removed" in line
+    assert "run the same command again: it resumes the study" in line
+    text = journal.read_bytes()
+    assert text.endswith(b"\n") and all(json.loads(x) for x in text.splitlines())
+    assert 0 < len(states(load(tmp_path))) < 8
+    out = sweep_app(tmp_path, "hydra.sweeper.n_trials=8")
+    assert out.returncode == 0, out.stdout
+    assert states(load(tmp_path)).count(TrialState.COMPLETE) == 8
 
 
 def test_multi_objective_study_reports_the_pareto_front(tmp_path):

@@ -16,14 +16,16 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from recsys.errors import RecsysError
+from recsys.outputs import write_text
 from recsys.sweep_trial import job_overrides
 
 from ._results import shown, write_results
 from ._search_space import SearchSpace
 from ._storage import open_storage, storage_spec
+from ._submitit import is_submitit, launch_each
 from .config import OptunaSweeperConf
 from .errors import SweepError
 
@@ -40,15 +42,17 @@ class Outcome:
     reason: str = ""
 
 
-def outcome(ret: JobReturn | None, n_objectives: int) -> Outcome:
-    """A job's return read as a trial outcome: values, pruned, or failed with the reason."""
-    if ret is None:
-        return Outcome(TrialState.FAIL, reason="the job ended without a result (launcher log)")
+def outcome(ret: JobReturn | str, n_objectives: int) -> Outcome:
+    """A job's return (or why it has none) read as a trial outcome: values, pruned, or failed
+    with the reason."""
+    if isinstance(ret, str):
+        return Outcome(TrialState.FAIL, reason=ret)
     if ret.status is not JobStatus.COMPLETED:
         error = ret._return_value  # the exception the trial's job raised, carried back by Hydra
         if isinstance(error, optuna.TrialPruned):
             return Outcome(TrialState.PRUNED)
-        return Outcome(TrialState.FAIL, reason=f"{type(error).__name__}: {error}")
+        text = str(error) or ("out of memory" if isinstance(error, MemoryError) else "")
+        return Outcome(TrialState.FAIL, reason=f"{type(error).__name__}: {text}")
     value = ret.return_value
     try:
         values = [float(v) for v in (value if isinstance(value, list | tuple) else [value])]
@@ -122,10 +126,26 @@ def _open_study(settings: OptunaSweeperConf, spec: str, directions: list[str]) -
     if sampler_cfg:
         study.sampler = _build("sampler", sampler_cfg, **extra)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        _tell(study, trial.number, state=TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-        log.info("trial %d was interrupted: re-queued with the same parameters", trial.number)
+        _requeue(study, trial)
     return study
+
+
+def _requeue(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Fail a trial an interrupted session left running and re-queue its parameters, once: a
+    trial that kills the sweep's own process (basic launcher, out of memory) must not loop."""
+    reason = "the sweep stopped while it ran (interrupted, or killed: out of memory?)"
+    earlier = trial.user_attrs.get("retry_of")
+    if earlier is None:
+        reason += ": re-queued with the same parameters"
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    else:
+        reason += (
+            f", as when these parameters ran as trial {earlier}: not re-queued again "
+            "(launcher=submitit_local runs each trial in a process of its own)"
+        )
+    optuna.Trial(study, trial._trial_id).set_user_attr("failure", reason)
+    _tell(study, trial.number, state=TrialState.FAIL)
+    log.warning("trial %d failed: %s", trial.number, reason)
 
 
 def _tell(study: optuna.Study, trial: Any, values: Any = None, state: Any = None) -> bool:
@@ -159,7 +179,7 @@ def run_study(
     spec = storage_spec(settings.storage, str(sweep_dir))
     study = _open_study(settings, spec, directions)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(config, sweep_dir / "multirun.yaml")
+    write_text(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(config))
     tracked = _tracked(config, study, sweep_dir)
     try:
         _run_trials(settings, study, space, sweep_dir, spec, launcher, directions)
@@ -215,13 +235,7 @@ def _run_trials(
         launched = time.time()
         for trial in batch:
             trial.set_user_attr("launched_at", launched)
-        try:
-            returns: list[JobReturn | None] = list(
-                launcher.launch(jobs, initial_job_idx=batch[0].number)
-            )
-        except Exception as e:  # a job died without returning: killed, out of memory, node lost
-            log.error("the batch of trials %s ended without results: %s", _numbers(batch), e)
-            returns = [None] * len(batch)
+        returns = _launch(launcher, jobs, batch[0].number)
         for trial, ret in zip(batch, returns, strict=True):
             result = outcome(ret, len(directions))
             if result.state is TrialState.FAIL:
@@ -244,13 +258,20 @@ def _run_trials(
     log.info("study stored in %s; view it with: %s", spec, dashboard(spec))
 
 
+def _launch(launcher: Launcher, jobs: list[list[str]], first: int) -> list[JobReturn | str]:
+    """Each job's return, or why it has none; in a submitit batch a dead job fails alone."""
+    if is_submitit(launcher):
+        return launch_each(launcher, jobs, first)
+    try:
+        return list(launcher.launch(jobs, initial_job_idx=first))
+    except Exception as e:  # a job died without returning: killed, out of memory, node lost
+        log.error("the batch of trials from %d ended without results: %s", first, e)
+        return [f"the batch ended without results ({type(e).__name__}, see the log)"] * len(jobs)
+
+
 def dashboard(spec: str) -> str:
     """The command that opens the study, and how to get it where it is not installed."""
     command = f"optuna-dashboard {spec}"
     if importlib.util.find_spec("optuna_dashboard") is None:
         command += " (install it with: pip install optuna-dashboard)"
     return command
-
-
-def _numbers(trials: list[optuna.Trial]) -> list[int]:
-    return [t.number for t in trials]

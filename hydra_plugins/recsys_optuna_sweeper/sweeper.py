@@ -31,9 +31,19 @@ class OptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> Any:
+        from recsys.errors import WriteFailed
+
         from ._study import run_study
+        from .errors import SweepError
 
         assert self.hydra_context is not None and self.config is not None
-        return run_study(
-            self.settings, arguments, self.config, self.hydra_context.config_loader, self.launcher
-        )
+        try:
+            return run_study(
+                self.settings,
+                arguments,
+                self.config,
+                self.hydra_context.config_loader,
+                self.launcher,
+            )
+        except WriteFailed as e:  # a full disk under the study file, best.yaml or multirun.yaml
+            raise SweepError(str(e)) from None
