@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
 from recsys.errors import ConfigError, RecsysError, is_write_failure, write_failed
-from recsys.outputs import write_json
+from recsys.files import write_json
 
 log = logging.getLogger(__name__)
 

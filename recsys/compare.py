@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from recsys.outputs import format_table
+from recsys.files import format_table
 
 HISTORY_PNG = "compare_history.png"
 PARALLEL_PNG = "compare_parallel.png"

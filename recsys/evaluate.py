@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from recsys import config as schema
 from recsys.data.batches import DataQuality
 from recsys.data.reader import open_split
-from recsys.outputs import summary_table, write_json
+from recsys.files import summary_table, write_json
 from recsys.runs import open_run, run_or_exit, saved_retrieval
 from recsys.tasks import evaluate, task_for
 

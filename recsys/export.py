@@ -36,7 +36,7 @@ from recsys.data import vocabulary
 from recsys.data.features import FeatureSpec
 from recsys.data.sources import split_pieces
 from recsys.errors import ConfigError
-from recsys.outputs import summary_table, write_dir_atomic
+from recsys.files import summary_table, write_dir_atomic
 from recsys.runs import open_run, run_or_exit
 from recsys.two_tower import TwoTower
 

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -18,42 +14,12 @@ from torch import nn
 
 from recsys.config import RETRIEVAL_KEYS
 from recsys.data.features import FeatureSpec
-from recsys.errors import RecsysError, is_write_failure, write_failed
+from recsys.errors import RecsysError
+from recsys.files import write_atomic, write_text
 from recsys.models import unfold_first_order
 
 MODEL_FILE = "model.pt"
 MODEL_FORMAT = "recsys.model/1"
-
-
-def write_atomic(path: Path, write: Any) -> None:
-    """Write through `write(tmp_path)` to a temporary name beside path, then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, Exception) and is_write_failure(e):
-            kept = "the earlier one is kept" if path.exists() else "nothing was written"
-            raise write_failed(path.name, path.parent, e, kept) from None
-        raise
-
-
-def write_dir_atomic(path: Path, fill: Any) -> Any:
-    """Fill a temporary directory beside path through `fill(tmp_dir)`, then rename it into place.
-
-    The rename fails (OSError) if path exists and is not empty; returns what fill returned.
-    """
-    tmp = path.parent / f".{path.name}.{os.urandom(4).hex()}.tmp"
-    tmp.mkdir(parents=True)  # unlike mkdtemp's 0700, the umask's permissions
-    try:
-        result = fill(tmp)
-        os.rename(tmp, path)
-        return result
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def set_aside_earlier_run(run_dir: Path) -> Path | None:
@@ -68,14 +34,6 @@ def set_aside_earlier_run(run_dir: Path) -> Path | None:
     for path in earlier:
         path.rename(aside / path.name)
     return aside
-
-
-def write_text(path: Path, text: str) -> None:
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 SECRET_KEYS = ("access_key", "secret_key")
@@ -188,20 +146,3 @@ def flat_hparams(cfg: DictConfig) -> dict[str, int | float | str | bool]:
         out[f"data.{key}"] = str(data[key]) if not isinstance(data[key], int) else data[key]
     out["seed"] = container["seed"]
     return out
-
-
-def summary_table(rows: list[tuple[str, str]]) -> str:
-    """A two-column text table."""
-    width = max(len(k) for k, _ in rows)
-    line = "-" * (width + 2 + max(len(v) for _, v in rows))
-    return "\n".join([line, *(f"{k:<{width}}  {v}" for k, v in rows), line])
-
-
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    """A left-aligned text table with a rule under the header."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])

@@ -31,7 +31,7 @@ from recsys.data.column_subset import pad_inputs
 from recsys.data.features import FeatureSpec
 from recsys.data.sources import Piece, split_pieces
 from recsys.errors import ConfigError, DataError
-from recsys.outputs import summary_table, write_dir_atomic
+from recsys.files import summary_table, write_dir_atomic
 from recsys.runs import open_run, run_or_exit
 from recsys.two_tower import TwoTower
 

@@ -31,7 +31,7 @@ from recsys.data.sources import split_pieces
 from recsys.errors import ConfigError
 from recsys.export import corpus_rows, load_run
 from recsys.exported import TwoTowerExport
-from recsys.outputs import summary_table, write_dir_atomic
+from recsys.files import summary_table, write_dir_atomic
 from recsys.runs import run_or_exit
 from recsys.topk import top_k
 

@@ -25,7 +25,8 @@ from omegaconf import OmegaConf
 
 from recsys.config import cache_root
 from recsys.errors import ConfigError, RecsysError, exit_on_user_error
-from recsys.outputs import MASK, format_table, write_dir_atomic
+from recsys.files import format_table, write_dir_atomic
+from recsys.outputs import MASK
 from recsys.tracking import (
     ARTIFACTS,
     RunRecord,

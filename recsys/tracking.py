@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys.config import LoggerConfig, MLflowConfig
 from recsys.errors import RecsysError
-from recsys.outputs import MASK, flat_hparams, flatten, mask_secrets, write_json
+from recsys.files import write_json
+from recsys.outputs import MASK, flat_hparams, flatten, mask_secrets
 
 log = logging.getLogger("recsys")
 

@@ -42,6 +42,7 @@ from recsys.distributed import (
     shard,
 )
 from recsys.errors import ConfigError, exit_on_user_error
+from recsys.files import summary_table, write_json, write_text
 from recsys.objectives import (
     RUN_MEASURES,
     objective_entries,
@@ -50,16 +51,7 @@ from recsys.objectives import (
     pruning_callback,
     sweep_result,
 )
-from recsys.outputs import (
-    mask_in_files,
-    save_config,
-    save_model,
-    secrets,
-    set_aside_earlier_run,
-    summary_table,
-    write_json,
-    write_text,
-)
+from recsys.outputs import mask_in_files, save_config, save_model, secrets, set_aside_earlier_run
 from recsys.preemption import EXIT_PREEMPTED, Preempted, Preemption
 from recsys.tasks import task_for
 from recsys.tracking import Loggers, TrackingError, open_loggers

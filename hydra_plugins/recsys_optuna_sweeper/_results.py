@@ -10,7 +10,7 @@ from optuna import Study
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from recsys.outputs import format_table, write_text
+from recsys.files import format_table, write_text
 
 from ._search_space import SearchSpace
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from recsys.errors import RecsysError
-from recsys.outputs import write_text
+from recsys.files import write_text
 from recsys.sweep_trial import job_overrides
 
 from ._results import shown, write_results

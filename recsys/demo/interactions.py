@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys.config import demo_dir
-from recsys.outputs import write_dir_atomic
+from recsys.files import write_dir_atomic
 from recsys.retrieval_metrics import RankMetrics, popularity_ranks
 
 NAME = "interactions-v1"
