@@ -26,6 +26,9 @@ from recsys.exported import (
     is_string,
 )
 
+# labels beyond this are refused or skipped like NaN: a batch's squared error would overflow
+LABEL_MAX_ABS = 1e15
+
 
 def _role(spec: FeatureSpec, column: str) -> str:
     if column == spec.label:
@@ -290,7 +293,7 @@ class BatchConverter:
             raise DataError(f"{e}: {fix}") from None
 
     def _check_labels(self, y: np.ndarray, source: str) -> None:
-        bad = ~np.isfinite(y)
+        bad = ~(np.abs(y) <= LABEL_MAX_ABS)  # NaN too
         if self.spec.label_kind is LabelKind.binary:
             bad |= (y != 0) & (y != 1)
         if bad.any():
@@ -298,7 +301,8 @@ class BatchConverter:
             fix = (
                 "binary labels must be 0 or 1: fix the data, or set data.task=regression"
                 if self.spec.label_kind is LabelKind.binary and np.isfinite(value)
-                else "labels must be numbers, not null, NaN or inf: drop or fill those rows, "
+                else f"labels must be numbers within +-{LABEL_MAX_ABS:g} (training squares them in "
+                "float32), not null, NaN or inf: drop or fill those rows, "
                 "or set data.bad_files=skip to leave them out (counted)"
             )
             raise DataError(

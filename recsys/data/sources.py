@@ -16,7 +16,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from recsys.config import BadFilePolicy, DataConfig, FileFormat, S3Config, SplitConfig
-from recsys.data.batches import DataQuality
+from recsys.data.batches import LABEL_MAX_ABS, DataQuality
 from recsys.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ def filters_of(data: DataConfig, name: str) -> str:
 def no_rows(data: DataConfig, name: str, where: str, quality: DataQuality) -> DataError:
     """Why a split has no rows left: its filters, labels left out, or files without rows."""
     bad_labels = quality.skipped_labels[data.label]
-    skipped = f" ({bad_labels:,} rows with a null, NaN or inf {data.label} left out too)"
+    skipped = f" ({bad_labels:,} rows with a null, NaN, inf or huge {data.label} left out too)"
     if filters := filters_of(data, name):
         return DataError(
             f"the filters leave no rows in {where}: {filters}"
@@ -254,7 +254,7 @@ def no_rows(data: DataConfig, name: str, where: str, quality: DataQuality) -> Da
         )
     if bad_labels:
         return DataError(
-            f"every row of {where} has a null, NaN or inf label {data.label} ({bad_labels:,} "
+            f"every row of {where} has a null, NaN, inf or huge label {data.label} ({bad_labels:,} "
             "rows, left out under data.bad_files=skip): fix the labels"
         )
     return DataError(
@@ -301,9 +301,9 @@ def split_pieces(
             row_filter = expr if row_filter is None else row_filter & expr
             columns |= used
     user_filter = row_filter
-    if data.bad_files is BadFilePolicy.skip:  # null, NaN and inf labels
-        finite = pc.is_finite(ds.field(data.label))
-        row_filter = finite if row_filter is None else row_filter & finite
+    if data.bad_files is BadFilePolicy.skip:  # null, NaN, inf and huge labels
+        usable = pc.abs(ds.field(data.label)) <= LABEL_MAX_ABS
+        row_filter = usable if row_filter is None else row_filter & usable
     partitioning = (
         ds.HivePartitioning.discover(infer_dictionary=False) if data.hive_partitioning else None
     )
@@ -332,8 +332,9 @@ def split_pieces(
     except OSError as e:
         raise s3_error(e, where) from None
     if quality.skipped_labels[data.label]:
-        log.warning("skipping (data.bad_files=skip) %d rows of %s whose %s is null, NaN or inf",
-                    quality.skipped_labels[data.label], where, data.label)  # fmt: skip
+        log.warning("skipping (data.bad_files=skip) %d rows of %s whose %s is null, NaN, inf "
+                    "or beyond +-%g", quality.skipped_labels[data.label], where, data.label,
+                    LABEL_MAX_ABS)  # fmt: skip
     else:
         del quality.skipped_labels[data.label]
     return pieces, row_filter, where
