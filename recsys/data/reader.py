@@ -25,7 +25,7 @@ from recsys.config import DataConfig, FileFormat
 from recsys.data import vocabulary
 from recsys.data.batches import BatchConverter, DataQuality, Padding, check_ranges, check_schema
 from recsys.data.features import FeatureSpec
-from recsys.data.sources import Piece, read_error, split_pieces
+from recsys.data.sources import Outage, Piece, read_error, split_pieces
 from recsys.errors import DataError
 
 T = TypeVar("T")
@@ -106,9 +106,11 @@ class SplitReader:
         max_batches: int | None = None,
         pad: bool = False,
         where: str = "",
+        outage: Outage | None = None,
     ):
         self.converter = converter
         self.where = where  # the split, as errors name it
+        self.outage = outage  # S3's: how reads wait for an unreachable endpoint
         self.batch_size = batch_size
         self.row_filter = row_filter
         self.rank, self.world_size, self.workers = rank, world_size, workers
@@ -251,19 +253,35 @@ class SplitReader:
                 yield piece, rb
 
     def _read(self, piece: Piece) -> Iterator[pa.RecordBatch]:
-        columns = self.converter.spec.columns
-        try:
-            for rb in piece.fragment.to_batches(
-                schema=piece.schema,
-                columns=columns,
-                filter=self.row_filter,
-                batch_size=self.batch_size * WINDOW_BATCHES,
-            ):
-                if rb.num_rows:
-                    yield rb
-        except (OSError, pa.ArrowException) as e:
-            path = piece.fragment.path
-            raise read_error(e, path, self.where or path, mid_epoch=True) from None
+        """A piece's record batches; a read that cannot reach S3 is retried (data.s3.*) and goes
+        on after the record batches it had already handed over."""
+        done = attempt = 0
+        while True:
+            try:
+                for i, rb in enumerate(self._record_batches(piece)):
+                    if i == done:
+                        if self.outage is not None:
+                            self.outage.over()
+                        done += 1
+                        yield rb
+                return
+            except (OSError, pa.ArrowException) as e:
+                if self.outage is None or not Outage.of(e):
+                    path = piece.fragment.path
+                    raise read_error(e, path, self.where or path, mid_epoch=True) from None
+                self.outage.wait(e, attempt)
+                attempt += 1
+
+    def _record_batches(self, piece: Piece) -> Iterator[pa.RecordBatch]:
+        """The piece's non-empty record batches, as decoded (the same ones on every read)."""
+        for rb in piece.fragment.to_batches(
+            schema=piece.schema,
+            columns=self.converter.spec.columns,
+            filter=self.row_filter,
+            batch_size=self.batch_size * WINDOW_BATCHES,
+        ):
+            if rb.num_rows:
+                yield rb
 
     def _emit(self, table: pa.Table, sources: list[str], skip: int) -> Generator:
         """The table's batches, the first `skip` as placeholders; returns how many remain."""
@@ -328,6 +346,7 @@ def open_split(
         max_batches=max_batches,
         pad=not train,
         where=where,
+        outage=Outage(data.s3) if data.path.startswith("s3://") else None,
     )
 
 
