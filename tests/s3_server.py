@@ -78,8 +78,30 @@ class S3Server:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
 
+    def _serves(self) -> bool:
+        """Whether objects can be written and read: the bucket alone answers a few seconds
+        before reads stop failing with INTERNAL_FAILURE after a restart."""
+        probe, fs = f"{self.bucket}/.probe", self.filesystem()
+        try:
+            with fs.open_output_stream(probe) as f:
+                f.write(b"up")
+            with fs.open_input_stream(probe) as f:
+                up = f.read() == b"up"
+            fs.delete_file(probe)
+            return up
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """The server gone at once, as in a crash (SIGKILL); its data stays for `launch`."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
     def launch(self, timeout: float = 60.0) -> None:
         """Start it on its ports and data (again after `stop`); RuntimeError if it fails."""
+        if self.process is not None and self.process.poll() is None:
+            return
         self.process = subprocess.Popen(
             self.command,
             stdin=subprocess.DEVNULL,
@@ -89,11 +111,8 @@ class S3Server:
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                if self.filesystem().get_file_info(self.bucket).type == pafs.FileType.Directory:
-                    return
-            except OSError:
-                pass
+            if self._serves():
+                return
             time.sleep(0.25)
         self.stop()
         raise RuntimeError(f"SeaweedFS did not come up; its log:\n{self.log.read_text()[-2000:]}")
