@@ -25,7 +25,7 @@ from recsys.errors import DataError
 from recsys.preemption import EXIT_PREEMPTED
 from recsys.train import run
 from tests import s3_server
-from tests.conftest import ROOT, assert_same_run, compose_cfg, metrics_of
+from tests.conftest import ROOT, assert_same_run, compose_cfg, metrics_of, torchrun_command
 
 
 @pytest.fixture(scope="session")
@@ -227,11 +227,14 @@ def uninterrupted_s3(outage_s3, tmp_path_factory) -> Path:
     return run_dir
 
 
-def train_through(args: list[str], *faults: tuple[str, Callable[[], None]]) -> tuple[int, str, str]:
-    """Run recsys.train; each (text, fault) in turn: `fault()` once a line holds `text`. Returns
-    its exit status, stdout and stderr."""
+def train_through(
+    args: list[str], *faults: tuple[str, Callable[[], None]], ranks: int = 1
+) -> tuple[int, str, str]:
+    """Run recsys.train (over `ranks` processes); each (text, fault) in turn: `fault()` once a
+    line holds `text`. Returns its exit status, stdout and stderr."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "recsys.train", *args], cwd=ROOT, env=env,
+    python = torchrun_command(ranks) if ranks > 1 else [sys.executable]
+    proc = subprocess.Popen([*python, "-m", "recsys.train", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     lines, pending = [], list(faults)
     for line in proc.stdout:
@@ -278,6 +281,7 @@ def test_s3_gone_for_longer_checkpoints_exits_75_in_one_line_and_resumes_exactly
     assert "Traceback" not in out + err and not err.strip()
     [line] = [line for line in out.splitlines() if "and stopped:" in line]
     step = int(re.search(r"checkpointed at step (\d+) and stopped: ", line)[1])
+    assert step < 32, "stopped in the last evaluation, not mid-epoch"
     assert f"the S3 endpoint http://{outage_s3.endpoint} has been unavailable for" in line
     assert "longer than data.s3.outage_budget_s=1 (" in line
     assert line.endswith(f"once it answers, run the same command with hydra.run.dir={run_dir} "
@@ -288,3 +292,26 @@ def test_s3_gone_for_longer_checkpoints_exits_75_in_one_line_and_resumes_exactly
         run(compose_cfg(*args), run_dir)  # the same command, in this process
     assert f"(step {step}, epoch 1): exactly where it stopped" in caplog.text
     assert_same_run(uninterrupted_s3, run_dir)
+
+
+@pytest.mark.slow
+def test_s3_gone_under_two_ranks_stops_both_at_one_step_and_resumes_exactly(outage_s3, tmp_path):
+    def train(run_dir: Path, *faults) -> tuple[int, str, str]:
+        return train_through(outage_args(outage_s3, run_dir, 1), *faults, ranks=2)
+
+    code, out, err = train(tmp_path / "uninterrupted")
+    assert code == 0, out[-3000:] + err[-3000:]
+    run_dir = tmp_path / "run"
+    try:
+        code, out, err = train(run_dir, (" step 2/", outage_s3.kill))
+    finally:
+        outage_s3.launch()
+    assert code != 0, out[-3000:] + err[-3000:]  # torchrun reports the ranks' exit 75 as failed
+    assert "exitcode  : 75" in err
+    steps = set(re.findall(r"\[rank \d\] .* checkpointed at step (\d+) and stopped: ", out))
+    assert len(steps) == 1, out[-3000:]
+    assert (run_dir / "checkpoints" / f"step-{int(steps.pop()):09d}").is_dir()
+    code, out, err = train(run_dir)
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert "exactly where it stopped" in out
+    assert_same_run(tmp_path / "uninterrupted", run_dir)

@@ -19,6 +19,8 @@ from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
+import torch
+import torch.distributed as dist
 from torchrec.datasets.utils import Batch
 
 from recsys.config import DataConfig, FileFormat
@@ -26,7 +28,7 @@ from recsys.data import vocabulary
 from recsys.data.batches import BatchConverter, DataQuality, Padding, check_ranges, check_schema
 from recsys.data.features import FeatureSpec
 from recsys.data.sources import Outage, Piece, read_error, split_pieces
-from recsys.errors import DataError
+from recsys.errors import DataError, S3Unavailable
 
 T = TypeVar("T")
 WINDOW_BATCHES = 8  # rows converted together: per-column work is paid once per window
@@ -191,13 +193,17 @@ class SplitReader:
                 for w, s in list(live):
                     if n >= self._len:
                         break
-                    item = next(s, None)
+                    try:
+                        item = next(s, None)
+                    except S3Unavailable as e:
+                        self._all_read(e)
                     if item is None:
                         live.remove((w, s))
                         continue
                     n += 1
                     if item.batch is None:  # fast-forwarded, already counted in the position
                         continue
+                    self._all_read(None)
                     pos.batches += 1
                     pos.workers[w].batches += 1
                     pos.workers[w].pieces = item.sources
@@ -208,10 +214,27 @@ class SplitReader:
                     yield item.batch
             if self.pad and n < self._len:
                 padding = Padding.of(self.converter.spec)
-                yield from (padding for _ in range(self._len - n))
+                for _ in range(self._len - n):
+                    self._all_read(None)
+                    yield padding
         finally:
             for s in streams:
                 s.close()
+
+    def _all_read(self, failure: S3Unavailable | None) -> None:
+        """Raise `failure` on every rank when any rank has one (S3 over several ranks: one
+        collective a batch), so all stop before the same batch and checkpoint together."""
+        several = self.world_size > 1 and dist.is_initialized()
+        if self.outage is None or not several:
+            if failure is not None:
+                raise failure
+            return
+        failed = torch.tensor([int(failure is not None)])
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item():
+            texts: list[str | None] = [None] * self.world_size
+            dist.all_gather_object(texts, str(failure) if failure else None)
+            raise S3Unavailable(next(t for t in texts if t))
 
     def _worker(self, pieces: list[Piece], epoch: int, worker: int, skip: int) -> Iterator[_Item]:
         """Batches of one worker's pieces, shuffled in windows when shuffle_buffer > 0.
