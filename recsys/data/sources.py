@@ -108,7 +108,7 @@ class Outage:
                 f"{self.endpoint} has been unavailable for {down:.0f} s, longer than "
                 f"data.s3.outage_budget_s={self.budget_s:g} ({_first_line(e)})"
             )
-        time.sleep(min(0.5 * 2**attempt, 10.0, left))
+        time.sleep(min(0.5 * 2**attempt, 5.0, left))
 
     def over(self) -> None:
         """A read went through: the outage, if there was one, is over."""
