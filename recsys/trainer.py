@@ -423,9 +423,9 @@ class Trainer:
         self.model.train()
         throughput.start()
         state.epochs = state.epoch + 1
-        done = False
+        done = state.steps >= run.total  # already: an outage stopped the last evaluation
         # none left when the checkpoint was taken at the epoch's last step
-        if state.epoch_batches < len(run.train):
+        if not done and state.epoch_batches < len(run.train):
             done = self._reading(run, lambda: self._steps(run, position))
         throughput.pause()
         if run.evaluation.due_at_epoch_end(state):

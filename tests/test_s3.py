@@ -210,13 +210,14 @@ def outage_s3(tmp_path_factory):
     server.stop()
 
 
-def outage_args(server, run_dir: Path, budget_s: float) -> list[str]:
+def outage_args(server, run_dir: Path, budget_s: float, *extra: str) -> list[str]:
     """32 steps of FM on the outage set; failed requests are not retried by the AWS SDK."""
     return s3_overrides(
         server, f"data.uri=s3://{server.bucket}/ctr/", "data.test=null", "data.batch_size=256",
         "data.s3.max_attempts=1", f"data.s3.outage_budget_s={budget_s}", "model=fm",
         "trainer.log_every_steps=1", "trainer.progress_bar=false", f"hydra.run.dir={run_dir}",
         f"data.s3.access_key={server.access_key}", f"data.s3.secret_key={server.secret_key}",
+        *extra,
     )  # fmt: skip
 
 
@@ -292,6 +293,31 @@ def test_s3_gone_for_longer_checkpoints_exits_75_in_one_line_and_resumes_exactly
         run(compose_cfg(*args), run_dir)  # the same command, in this process
     assert f"(step {step}, epoch 1): exactly where it stopped" in caplog.text
     assert_same_run(uninterrupted_s3, run_dir)
+
+
+@pytest.mark.slow
+def test_s3_gone_during_an_evaluation_checkpoints_and_the_rerun_evaluates_first(
+    outage_s3, tmp_path, caplog
+):
+    # 3 train files: the reader has read them all before its first batch (a window is 2048
+    # rows), so the first read after step 1 is the validation at step 4
+    files = ",".join(f"train/part-0000{i}.parquet" for i in range(3))
+    extra = (f"data.train.paths=[{files}]", "trainer.eval_every_steps=4")
+    run(compose_cfg(*outage_args(outage_s3, tmp_path / "uninterrupted", 1, *extra)),
+        tmp_path / "uninterrupted")  # fmt: skip
+    run_dir = tmp_path / "run"
+    args = outage_args(outage_s3, run_dir, 1, *extra)
+    try:
+        code, out, err = train_through(args, (" step 1/", outage_s3.kill))
+    finally:
+        outage_s3.launch()
+    assert code == EXIT_PREEMPTED, out[-3000:] + err[-3000:]
+    [line] = [line for line in out.splitlines() if "and stopped:" in line]
+    assert "checkpointed at step 4 and stopped: " in line and "ctr/validation/" in line, line
+    with caplog.at_level(logging.INFO):
+        run(compose_cfg(*args), run_dir)
+    assert "(step 4, epoch 1): exactly where it stopped" in caplog.text
+    assert_same_run(tmp_path / "uninterrupted", run_dir)
 
 
 @pytest.mark.slow
