@@ -5,7 +5,8 @@ so that few are dropped; inside a rank, `read_threads` workers each read a share
 consumer takes their batches in turn, so the order is fixed for a seed. Every rank yields the
 same number of batches, computed from piece row counts alone, since TorchRec collectives hang
 when one rank runs out first: training drops the excess of longer shares, evaluation pads the
-shorter ones.
+shorter ones. A read that S3 does not serve (down, 5xx) waits for it up to
+data.s3.outage_budget_s; past that, every rank stops before the same batch.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class SplitReader:
     ):
         self.converter = converter
         self.where = where  # the split, as errors name it
-        self.outage = outage  # S3's: how reads wait for an unreachable endpoint
+        self.outage = outage  # S3's: how reads wait for an endpoint that is down
         self.batch_size = batch_size
         self.row_filter = row_filter
         self.rank, self.world_size, self.workers = rank, world_size, workers
@@ -276,8 +277,8 @@ class SplitReader:
                 yield piece, rb
 
     def _read(self, piece: Piece) -> Iterator[pa.RecordBatch]:
-        """A piece's record batches; a read that cannot reach S3 is retried (data.s3.*) and goes
-        on after the record batches it had already handed over."""
+        """A piece's record batches; a read S3 does not serve is retried (data.s3.*) and goes on
+        after the record batches it had already handed over."""
         done = attempt = 0
         while True:
             try:
