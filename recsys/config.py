@@ -101,9 +101,11 @@ class S3Config:
     access_key: str | None = None
     secret_key: str | None = None
     max_attempts: int = 5
+    outage_budget_s: float = 300.0  # how long reads wait for an endpoint down mid-run
 
     def __post_init__(self) -> None:
         _positive("data.s3.max_attempts", self.max_attempts)
+        _positive("data.s3.outage_budget_s", self.outage_budget_s, allow_zero=True)
 
 
 class MixStrategy(Enum):

@@ -22,6 +22,10 @@ class DataError(RecsysError):
     """Data that does not match the configured feature spec."""
 
 
+class S3Unavailable(RecsysError):
+    """An S3 endpoint unreachable (or failing) mid-run for longer than data.s3.outage_budget_s."""
+
+
 EXIT_USER_ERROR = 2
 
 

@@ -23,7 +23,7 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on purpose, resumable
 
 
 class Preempted(RecsysError):
-    """The run checkpointed after a signal and stopped without being requeued."""
+    """The run checkpointed after a signal (or an S3 outage) and stopped without being requeued."""
 
 
 class Preemption:
@@ -31,6 +31,7 @@ class Preemption:
 
     def __init__(self) -> None:
         self.received: signal.Signals | None = None
+        self.outage: str | None = None  # S3 unavailable past its budget: stop as after a signal
         self._announced = False
         self._previous: dict[int, object] = {}
 
@@ -59,8 +60,11 @@ class Preemption:
 
     def stop(self, step: int, preemptions: int, max_requeues: int, run_dir: str) -> NoReturn:
         """After the checkpoint of `step`: have submitit requeue the job, or end the run."""
-        name = self.received.name if self.received else "a signal"
         again = f"run the same command with hydra.run.dir={run_dir} to resume from step {step}"
+        if self.outage is not None:
+            raise Preempted(f"checkpointed at step {step} and stopped: {self.outage}; "
+                            f"once it answers, {again}")  # fmt: skip
+        name = self.received.name if self.received else "a signal"
         if self.received in (signal.SIGUSR1, signal.SIGUSR2) and "SUBMITIT_EXECUTOR" in os.environ:
             if preemptions > max_requeues:
                 raise Preempted(

