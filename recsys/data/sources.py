@@ -301,7 +301,8 @@ def filters_of(data: DataConfig, name: str) -> str:
 def no_rows(data: DataConfig, name: str, where: str, quality: DataQuality) -> DataError:
     """Why a split has no rows left: its filters, labels left out, or files without rows."""
     bad_labels = quality.skipped_labels[data.label]
-    skipped = f" ({bad_labels:,} rows with a null, NaN, inf or huge {data.label} left out too)"
+    bad = f"a null, NaN, inf or beyond +-{LABEL_MAX_ABS:g}"
+    skipped = f" ({bad_labels:,} rows with {bad} {data.label} left out too)"
     if filters := filters_of(data, name):
         return DataError(
             f"the filters leave no rows in {where}: {filters}"
@@ -309,7 +310,7 @@ def no_rows(data: DataConfig, name: str, where: str, quality: DataQuality) -> Da
         )
     if bad_labels:
         return DataError(
-            f"every row of {where} has a null, NaN, inf or huge label {data.label} ({bad_labels:,} "
+            f"every row of {where} has {bad} label {data.label} ({bad_labels:,} "
             "rows, left out under data.bad_files=skip): fix the labels"
         )
     return DataError(
@@ -356,7 +357,7 @@ def split_pieces(
             row_filter = expr if row_filter is None else row_filter & expr
             columns |= used
     user_filter = row_filter
-    if data.bad_files is BadFilePolicy.skip:  # null, NaN, inf and huge labels
+    if data.bad_files is BadFilePolicy.skip:  # null, NaN, inf and out-of-range labels
         usable = pc.abs(ds.field(data.label)) <= LABEL_MAX_ABS
         row_filter = usable if row_filter is None else row_filter & usable
     partitioning = (
