@@ -99,10 +99,15 @@ def _sharded_state(model: nn.Module) -> dict:
 
 
 def _stored(state: dict) -> dict:
-    """What DCP writes and reads of a sharded state: the same tensors, without the empty states
-    of stateless tables (SGD, and the SGD under the row-sparse Adam), which it cannot store."""
+    """What DCP writes and reads of a sharded state (a collective): the same tensors, without
+    the empty states of stateless tables (SGD, and the SGD under the row-sparse Adam), which it
+    cannot store, and without the tables' optimizer when no rank's tables have a state."""
     optimizer = state["sparse_optimizer"]
     kept = {k: v for k, v in optimizer["state"].items() if v}
+    stateful = torch.tensor(int(bool(kept)))
+    dist.all_reduce(stateful, op=dist.ReduceOp.MAX)
+    if not stateful:
+        return {"model": state["model"]}
     return {**state, "sparse_optimizer": {**optimizer, "state": kept}}
 
 
