@@ -40,7 +40,10 @@ def interactions(tmp_path_factory) -> Path:
     """A small interaction set with the demo's columns and planted preferences."""
     out = tmp_path_factory.mktemp("interactions") / "set"
     spec = InteractionSpec(
-        rows={"train": 50_000, "validation": 5_000, "test": 5_000}, users=2_000, items=1_000
+        rows={"train": 50_000, "validation": 5_000, "test": 5_000},
+        users=2_000,
+        items=1_000,
+        rows_per_file=12_500,  # files for two ranks to share
     )
     generate(out, spec)
     return out
