@@ -41,7 +41,7 @@ def s3(tmp_path_factory, small_data):
         src = small_data / "validation" / "part-00000.parquet"
         pafs.copy_files(str(src), f"{server.bucket}/days/day={day}/part-{i}.parquet", local, fs)
     yield server
-    server.stop()
+    server.kill()  # its data is temporary: no need to wait for a clean stop
 
 
 def s3_overrides(server, *extra: str) -> list[str]:
@@ -207,7 +207,7 @@ def outage_s3(tmp_path_factory):
     pafs.copy_files(str(root / "ctr"), f"{server.bucket}/ctr", pafs.LocalFileSystem(),
                     server.filesystem())  # fmt: skip
     yield server
-    server.stop()
+    server.kill()  # its data is temporary: no need to wait for a clean stop
 
 
 def outage_args(server, run_dir: Path, budget_s: float, *extra: str) -> list[str]:
