@@ -162,9 +162,8 @@ def unfold_first_order(model: EmbeddingModel, state: dict) -> dict:
     trained with `first_order_in_row`, or before they had tables of their own) in this model's
     layout; others as they are."""
     prefix = "ebc.embedding_bags."
-    if not model.first_order or model.first_order_column >= 0:
-        return state
-    if any(k.startswith(f"{prefix}w_") for k in state):
+    in_row = model.first_order_column >= 0
+    if not model.first_order or in_row or any(k.startswith(f"{prefix}w_") for k in state):
         return state
     state = dict(state)
     for name, _ in model.features.categorical:
