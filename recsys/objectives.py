@@ -60,15 +60,16 @@ def sweep_result(metrics: dict) -> float | tuple[float, ...]:
 
 
 def pruning_callback(objective: str) -> Callable[[int, dict[str, float]], bool] | None:
-    """Reports each evaluation to the sweep's trial (rank 0); True on all ranks once pruned."""
+    """Reports each evaluation to the sweep's trial (rank 0) at the rows trained on so far, so
+    that trials of any batch size are compared at equal data; True on all ranks once pruned."""
     trial = current_trial()
     if trial is None or len(trial.study.directions) > 1 or objective in RUN_MEASURES:
         return None
 
-    def report(step: int, metrics: dict[str, float]) -> bool:
+    def report(rows: int, metrics: dict[str, float]) -> bool:
         prune = False
         if is_rank0():
-            trial.report(metrics[objective], step)
+            trial.report(metrics[objective], rows)
             prune = trial.should_prune()
         return agree(prune)
 

@@ -246,7 +246,7 @@ class Evaluation:
         text = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         log.info("validation at step %d: %s", state.steps, text)
         trainer.model.train()
-        if self.on_evaluation is not None and self.on_evaluation(state.steps, metrics):
+        if self.on_evaluation is not None and self.on_evaluation(state.samples, metrics):
             log.info("stopping at step %d: the evaluation callback asked to", state.steps)
             state.stopped_by_callback = True
             return True
@@ -385,8 +385,8 @@ class Trainer:
         on_evaluation: Callable[[int, dict[str, float]], bool] | None = None,
         restored: Restored | None = None,
     ) -> TrainingState:
-        """Train, from the start or from `restored`; `on_evaluation(step, metrics)` sees every
-        validation and returns True to stop."""
+        """Train, from the start or from `restored`; `on_evaluation(rows trained on, metrics)`
+        sees every validation and returns True to stop."""
         cfg = self.cfg
         total = cfg.max_epochs * len(train)
         if cfg.max_steps is not None:

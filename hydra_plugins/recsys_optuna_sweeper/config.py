@@ -29,7 +29,7 @@ class OptunaSweeperConf:
     sampler: Any = field(
         default_factory=lambda: {"_target_": "optuna.samplers.TPESampler", "seed": 0}
     )
-    # null: no pruning; else e.g. {_target_: optuna.pruners.MedianPruner, n_warmup_steps: 100}
+    # null: no pruning; else e.g. {_target_: optuna.pruners.MedianPruner, n_warmup_steps: 400000}
     pruner: Any = None
     # the search space: config key -> override grammar (interval, tag(log, ...), choice, range)
     params: dict[str, Any] = field(default_factory=dict)
