@@ -10,6 +10,8 @@ the floor of the model's family (FM for lr/fm, DeepFM for the deep models).
 
     python benchmarks/quality.py [--rows 400000] [--mixes ...] [--models ...] [--epochs 1]
         [--set trainer.sparse_optimizer.lr=0.1 ...]   # extra recsys overrides, for trying settings
+    python benchmarks/quality.py --sweep deepfm --mixes pairwise_heavy [--trials 20]
+        # a sweep per mix: the share of the distance from the default's AUC to the oracle's closed
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -69,21 +73,28 @@ def ensure_data(mix: str, rows: int) -> Path:
     return out
 
 
-def run_recsys(path: Path, model: str, epochs: int, extra: list[str]) -> dict:
-    """One model through the CLI; its metrics.json."""
+def set_args(path: Path) -> list[str]:
+    """The overrides that point a recsys run at a generated set, shared by runs and sweeps."""
     sizes = json.loads((path / "demo_info.json").read_text())["spec"]["cardinalities"]
     cats = {f"c{i}": n for i, n in enumerate(sizes)}
-    run_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"recsys-quality-{os.getpid()}-{model}"
-    args = [
+    return [
         f"data.path={path}",
-        "data.validation=null",
         f"data.dense=[{','.join(f'd{i}' for i in range(N_DENSE))}]",
         "data.categorical=[" + ",".join(f"{k}:{v}" for k, v in cats.items()) + "]",
-        f"data.batch_size={BATCH}",
-        f"model={model}",
-        f"trainer.max_epochs={epochs}",
         "trainer.progress_bar=false",
         "trainer.checkpoint.enabled=false",
+    ]
+
+
+def run_recsys(path: Path, model: str, epochs: int, extra: list[str]) -> dict:
+    """One model through the CLI; its metrics.json."""
+    run_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"recsys-quality-{os.getpid()}-{model}"
+    args = [
+        *set_args(path),
+        f"data.batch_size={BATCH}",
+        f"trainer.max_epochs={epochs}",
+        "data.validation=null",
+        f"model={model}",
         f"hydra.run.dir={run_dir}",
         *([f"model.embedding_dim={DIM}"] if model != "lr" else []),
         *extra,
@@ -97,6 +108,26 @@ def run_recsys(path: Path, model: str, epochs: int, extra: list[str]) -> dict:
     return {"auc": m["test"]["auc"], "logloss": m["test"]["logloss"],
             "samples_per_s": m["train"]["samples_per_s"],
             "peak_rss_mb": m["train"]["peak_rss_mb"]}  # fmt: skip
+
+
+def run_sweep(path: Path, sweep: str, trials: int, extra: list[str]) -> dict:
+    """A `--multirun sweep=<sweep>` study on the set (validation AUC, the sweeper's defaults,
+    batch size and epochs from the sweep's space); the best trial's test AUC and overrides."""
+    sweep_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"recsys-quality-{os.getpid()}-{sweep}"
+    args = ["--multirun", f"sweep={sweep}", f"hydra.sweeper.n_trials={trials}",
+            f"hydra.sweep.dir={sweep_dir}", *set_args(path), *extra]  # fmt: skip
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "recsys.train", *args], cwd=ROOT)
+    if proc.returncode:
+        raise RuntimeError(f"sweep={sweep} failed (exit {proc.returncode}); its log is above")
+    best = yaml.safe_load((sweep_dir / "best.yaml").read_text())["best"][0]
+    m = json.loads((sweep_dir / str(best["trial"]) / "metrics.json").read_text())
+    return {
+        "auc": m["test"]["auc"],
+        "validation_auc": best["values"][0],
+        "overrides": best["overrides"],
+        "minutes": (time.perf_counter() - started) / 60,
+    }
 
 
 def run_floor(path: Path, model: str, epochs: int) -> dict:
@@ -165,12 +196,17 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=MODELS)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--set", nargs="*", default=[], help="extra overrides of every recsys run")
+    ap.add_argument("--sweep", help="instead: this sweep (deepfm, ...) per mix, vs its default")
+    ap.add_argument("--trials", type=int, default=20, help="of --sweep")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--child", choices=["recsys", "floor"], help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child, args.data, args.models[0], args.epochs, args.set)
+        return
+    if args.sweep:
+        sweep_closes_gap(args)
         return
     started = time.perf_counter()
     rows = []
@@ -196,6 +232,22 @@ def main() -> None:
     print(f"\nfinished in {time.perf_counter() - started:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+
+
+def sweep_closes_gap(args) -> None:
+    """Per mix: the model's default test AUC, then the best of a sweep, and the share of the
+    default's distance to the oracle that the sweep closed."""
+    for mix in args.mixes:
+        path = ensure_data(mix, args.rows)
+        oracle = json.loads((path / "demo_info.json").read_text())["test"]["oracle_auc"]
+        default = measure("recsys", path, args.sweep, args.epochs, args.set)
+        best = run_sweep(path, args.sweep, args.trials, args.set)
+        closed = (best["auc"] - default["auc"]) / (oracle - default["auc"])
+        print(f"\n{mix} ({args.rows:,} rows): default {args.sweep} ({args.epochs} epoch(s)) "
+              f"test AUC {default['auc']:.4f}; sweep={args.sweep}, {args.trials} trials in "
+              f"{best['minutes']:.0f} min: best validation AUC {best['validation_auc']:.4f}, "
+              f"test AUC {best['auc']:.4f} ({best['overrides']}); oracle {oracle:.4f}: "
+              f"{closed:.0%} of the gap closed", flush=True)  # fmt: skip
 
 
 def _print_row(r: dict, floor: dict | None) -> None:
