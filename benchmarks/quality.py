@@ -125,7 +125,7 @@ def run_sweep(path: Path, sweep: str, trials: int, extra: list[str]) -> dict:
     return {
         "auc": m["test"]["auc"],
         "validation_auc": best["values"][0],
-        "overrides": best["overrides"],
+        "overrides": " ".join(f"{k}={v}" for k, v in best["params"].items()),
         "minutes": (time.perf_counter() - started) / 60,
     }
 
