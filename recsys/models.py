@@ -22,9 +22,33 @@ def table_width(dim: int) -> int:
     return -(-dim // 4) * 4
 
 
+def _sum_and_pairwise(fields: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fields' sum [B, k] and the sum over field pairs i < j of <v_i, v_j> [B]."""
+    total = fields.sum(1)
+    squares = torch.linalg.vector_norm(fields.flatten(1), dim=1).square()
+    return total, 0.5 * (total.square().sum(1) - squares)
+
+
+class _FMPairwise(torch.autograd.Function):
+    """The pairwise term with a backward of one pass: d/dv_i = g (sum_j v_j - v_i)."""
+
+    @staticmethod
+    def forward(ctx, fields: torch.Tensor) -> torch.Tensor:
+        total, pairwise = _sum_and_pairwise(fields)
+        ctx.save_for_backward(fields, total)
+        return pairwise
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        fields, total = ctx.saved_tensors
+        return (total.unsqueeze(1) - fields).mul_(grad.view(-1, 1, 1))
+
+
 def fm_pairwise(fields: torch.Tensor) -> torch.Tensor:
     """Sum over field pairs i < j of <v_i, v_j>, for fields [B, F, k], in O(F k)."""
-    return 0.5 * (fields.sum(1).pow(2) - fields.pow(2).sum(1)).sum(1)
+    if torch.is_grad_enabled() and fields.requires_grad:
+        return _FMPairwise.apply(fields)
+    return _sum_and_pairwise(fields)[1]  # what torch.export traces
 
 
 def mlp(
@@ -60,11 +84,13 @@ class Tables(TypedDict):
 
 class _Layout(NamedTuple):
     """The pooled output seen as blocks of `unit` columns: the blocks holding each feature's
-    vector, in feature order [F * n], and the columns of its first-order weight [F]."""
+    vector, in feature order [F * n], and the columns of its first-order weight [F]; `in_order`
+    when each feature is one block, in feature order, its first-order weight (if any) inside."""
 
     unit: int
     vector_units: torch.Tensor
     bias_columns: torch.Tensor
+    in_order: bool
 
 
 class EmbeddingModel(nn.Module):
@@ -138,8 +164,11 @@ class EmbeddingModel(nn.Module):
             bias = [start("t", n) + self.first_order_column for n in names]
         else:
             bias = [start("w", n) for n in names] if self.first_order else []
+        in_order = vectors == list(range(len(names))) and (
+            self.first_order_column >= 0 or not self.first_order
+        )
         as_index = partial(torch.tensor, dtype=torch.long, device=device)
-        return _Layout(unit, as_index(vectors), as_index(bias))
+        return _Layout(unit, as_index(vectors), as_index(bias), in_order)
 
     def embed(self, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Pooled vectors [B, F, k] and first-order weights [B, F] (if any) of the features."""
@@ -150,11 +179,21 @@ class EmbeddingModel(nn.Module):
             self._columns[keys] = self._layout(list(keys), pooled.length_per_key(), values.device)
         layout = self._columns[keys]
         batch = values.shape[0]
+        if layout.in_order:  # views of the rows, one split's backward
+            return self._split_rows(values.view(batch, self.num_sparse, layout.unit))
         # whole blocks of `unit` columns, not single columns: a far cheaper gather and backward
         blocks = values.view(batch, -1, layout.unit).index_select(1, layout.vector_units)
         vectors = blocks.view(batch, self.num_sparse, -1)[..., : self.vector_dim]
         bias = values[:, layout.bias_columns] if self.first_order else None
         return vectors, bias
+
+    def _split_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Vectors [B, F, k] and first-order weights [B, F] (if any) of pooled rows [B, F, w]."""
+        k, width = self.vector_dim, rows.shape[2]
+        if self.first_order_column < 0:
+            return rows if width == k else rows[..., :k], None
+        vectors, bias, _ = rows.split([k, 1, width - k - 1], dim=2)
+        return vectors, bias.squeeze(2)
 
 
 def unfold_first_order(model: EmbeddingModel, state: dict) -> dict:

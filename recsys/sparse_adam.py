@@ -98,17 +98,17 @@ class _Layout:
 
 def _update(rule: Rule, lr: float, steps: int, w: torch.Tensor, g: torch.Tensor, m, v):
     """The rule's new values of weights `w` for gradient `g` at rate `lr`; moments `m`, `v`
-    updated in place."""
+    updated in place. A weight whose gradient and moments are zero keeps its value."""
     if rule.type is SparseOptimizer.sgd:
-        return w - lr * g
+        return w.add(g, alpha=-lr)
     if rule.type is SparseOptimizer.adagrad:
         v.addcmul_(g, g)
-        return w - lr * g / v.sqrt().add_(rule.eps)
-    b1, b2 = rule.betas
+        return w.addcdiv(g, v.sqrt().add_(rule.eps), value=-lr)
+    b1, b2 = rule.betas  # as torch's Adam: bias corrections in the step size and the denominator
     m.mul_(b1).add_(g, alpha=1 - b1)
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    denom = (v / (1 - b2**steps)).sqrt_().add_(rule.eps)
-    return w - lr * (m / (1 - b1**steps)) / denom
+    denom = v.sqrt().div_(math.sqrt(1 - b2**steps)).add_(rule.eps)
+    return w.addcdiv(m, denom, value=-lr / (1 - b1**steps))
 
 
 class RowSparseAdam:
@@ -184,23 +184,32 @@ class RowSparseAdam:
         self._touched.clear()
 
     def _step_chunk(self, chunk: _Chunk, cls: tuple[int, int, int], weights, m, v) -> None:
-        """The rules' update of one chunk's rows: the row's rule, the first-order column's own.
-        `weights`, `m` and `v` are the kernel's, in blocks of its unit."""
+        """The rules' update of one chunk's rows: the row's rule on whole rows (the padding has
+        no gradient and no moments, so it keeps its values), then the first-order column's own
+        rule from that column's saved moments. `weights`, `m` and `v` are the kernel's, in
+        blocks of its unit."""
         group_index, width, column = cls
-        group, units = self.groups[group_index], chunk.units
+        units, before = chunk.units, chunk.before
         m_rows, v_rows = (t.index_select(0, units).view(-1, width) for t in (m, v))
-        grad = (chunk.before - weights.index_select(0, units).view(-1, width)) / PROBE_LR
-        rows = slice(None, column if column >= 0 else None)
-        parts = [(group.rule, False, rows)]
-        if column >= 0:  # the padding right of the first-order column is never read
-            parts.append((group.first_order, True, slice(column, column + 1)))
-        new = chunk.before.clone()
-        for rule, first_order, cols in parts:
-            lr = self.param_groups[self._lr_index[group_index, first_order]]["lr"]
-            w, g = chunk.before[:, cols], grad[:, cols]
-            new[:, cols] = _update(rule, lr, self.steps, w, g, m_rows[:, cols], v_rows[:, cols])
+        after = weights.index_select(0, units).view(-1, width)
+        grad = before.sub(after).mul_(1 / PROBE_LR)
+        saved = (m_rows[:, column].clone(), v_rows[:, column].clone()) if column >= 0 else None
+        new = _update(self.groups[group_index].rule, self._lr(group_index, False), self.steps,
+                      before, grad, m_rows, v_rows)  # fmt: skip
+        if saved is not None:
+            col = slice(column, column + 1)
+            m_col, v_col = m_rows[:, col], v_rows[:, col]
+            m_col.copy_(saved[0].unsqueeze(1))
+            v_col.copy_(saved[1].unsqueeze(1))
+            new[:, col] = _update(self.groups[group_index].first_order,
+                                  self._lr(group_index, True), self.steps, before[:, col],
+                                  grad[:, col], m_col, v_col)  # fmt: skip
         for tensor, rows in ((m, m_rows), (v, v_rows), (weights, new)):
             tensor.index_copy_(0, units, rows.view(-1, tensor.shape[1]))
+
+    def _lr(self, group_index: int, first_order: bool) -> float:
+        """The current rate of a group's rule (its first-order rule's), as the schedule set it."""
+        return self.param_groups[self._lr_index[group_index, first_order]]["lr"]
 
     def state_dict(self) -> dict:
         """This rank's moments (its kernels' layout) and the step count."""

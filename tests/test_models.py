@@ -236,3 +236,14 @@ def test_first_order_weights_in_the_vectors_rows_make_the_same_model(dim):
     fresh = DeepFM(hidden=[8], dropout=0.0, batch_norm=False, **tables(dim))
     fresh.load_state_dict(unfold_first_order(fresh, in_row.state_dict()))
     torch.testing.assert_close(fresh(dense, kjt), model(dense, kjt))
+
+
+def test_the_pairwise_term_and_its_gradient_are_the_sums_over_pairs():
+    torch.manual_seed(0)
+    fields = torch.randn(5, 4, 3, dtype=torch.float64, requires_grad=True)
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    direct = sum((fields[:, i] * fields[:, j]).sum(1) for i, j in pairs)
+    torch.testing.assert_close(fm_pairwise(fields), direct)
+    assert torch.autograd.gradcheck(fm_pairwise, (fields,))  # the one-pass backward
+    with torch.no_grad():  # the path torch.export traces
+        torch.testing.assert_close(fm_pairwise(fields), direct)
