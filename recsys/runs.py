@@ -16,7 +16,7 @@ from recsys.config import RETRIEVAL_KEYS, DataConfig, RetrievalConfig, RunInputC
 from recsys.data import vocabulary
 from recsys.data.features import FeatureSpec
 from recsys.demo.ctr import ensure_demo
-from recsys.distributed import quiet_torchrec
+from recsys.distributed import keep_freed_memory, quiet_torchrec
 from recsys.errors import DataError, exit_on_user_error
 from recsys.outputs import load_model, unmask_secrets
 
@@ -70,6 +70,7 @@ def saved_retrieval(run_dir: Path) -> RetrievalConfig:
 def open_run(cfg: RunInputConfig, label: bool) -> tuple[Path, nn.Module, FeatureSpec, DataConfig]:
     """The run's model (refused if the run has none) and the data to run it on, checked."""
     quiet_torchrec()
+    keep_freed_memory()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.run.startswith("models:/"):

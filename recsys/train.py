@@ -35,6 +35,7 @@ from recsys.distributed import (
     full_state_dict,
     init_process_group,
     is_rank0,
+    keep_freed_memory,
     log_ranks,
     plan_summary,
     quiet_torchrec,
@@ -150,8 +151,9 @@ def check(typed: schema.TrainConfig) -> None:
 
 
 def start_process(typed: schema.TrainConfig) -> torch.device:
-    """Threads, demo data, seeds and the process group; the device to train on."""
+    """Threads, memory, demo data, seeds and the process group; the device to train on."""
     quiet_torchrec()
+    keep_freed_memory()
     if typed.trainer.threads:
         torch.set_num_threads(typed.trainer.threads)
     for path in [typed.data.path, *(s.path for s in typed.data.sources.values())]:
