@@ -193,14 +193,14 @@ class RowSparseAdam:
         m_rows, v_rows = (t.index_select(0, units).view(-1, width) for t in (m, v))
         after = weights.index_select(0, units).view(-1, width)
         grad = before.sub(after).mul_(1 / PROBE_LR)
-        saved = (m_rows[:, column].clone(), v_rows[:, column].clone()) if column >= 0 else None
+        col = slice(column, column + 1)
+        saved = (m_rows[:, col].clone(), v_rows[:, col].clone()) if column >= 0 else None
         new = _update(self.groups[group_index].rule, self._lr(group_index, False), self.steps,
                       before, grad, m_rows, v_rows)  # fmt: skip
         if saved is not None:
-            col = slice(column, column + 1)
             m_col, v_col = m_rows[:, col], v_rows[:, col]
-            m_col.copy_(saved[0].unsqueeze(1))
-            v_col.copy_(saved[1].unsqueeze(1))
+            m_col.copy_(saved[0])
+            v_col.copy_(saved[1])
             new[:, col] = _update(self.groups[group_index].first_order,
                                   self._lr(group_index, True), self.steps, before[:, col],
                                   grad[:, col], m_col, v_col)  # fmt: skip
