@@ -90,8 +90,8 @@ def test_killed_sweep_resumes_to_exactly_n_trials(resumed_sweep):
     interrupted = [t for t in study.trials if t.state is TrialState.FAIL]
     assert interrupted
     retries = {t.user_attrs.get("retry_of"): t for t in study.trials if "retry_of" in t.user_attrs}
-    for t in interrupted:
-        assert retries[t.number].params == t.params
+    for t in interrupted:  # killed while its parameters were drawn, it had only some of them
+        assert t.params.items() <= retries[t.number].params.items()
     assert "2 of 4 trials finished" in out.stdout  # the first batch's, told when it ended
     assert "re-queued with the same parameters" in out.stdout
 
