@@ -186,7 +186,7 @@ def train_on(nproc: int, small_data: Path, run_dir: Path, *extra: str):
 
 
 def test_two_ranks_learn_like_one_rank_with_the_same_global_batch(small_data, tmp_path):
-    two = train_on(2, small_data, tmp_path / "two", "data.batch_size=2048")
+    two = train_on(2, small_data, tmp_path / "two", "data.batch_size=2048", "trainer.max_steps=24")
     assert "rank:1/cpu" in (tmp_path / "two" / "sharding_plan.txt").read_text()
     # each line is printed once, by rank 0 (warnings by any rank), tagged with its rank
     log = two.stdout + two.stderr
@@ -224,28 +224,36 @@ def flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-@pytest.mark.parametrize("saved_on, resumed_on", [(2, 1), (1, 2)])
-def test_a_checkpoint_of_n_ranks_resumes_on_m_ranks(small_data, tmp_path, saved_on, resumed_on):
-    first, again, longer = tmp_path / "first", tmp_path / "again", tmp_path / "longer"
-    # FBGEMM's fused Adagrad: its state is resharded (the row-sparse Adam's restarts, logged)
-    args = ["data.batch_size=2048", "trainer.max_steps=10", "trainer.sparse_optimizer.type=adagrad"]
-    train_on(saved_on, small_data, first, *args)
-    shutil.copytree(first / "checkpoints", again / "checkpoints")
-    shutil.copytree(first / "checkpoints", longer / "checkpoints")
-    out = train_on(resumed_on, small_data, again, *args)
+def resume_whole_on(
+    ranks: int, saved: Path, saved_on: int, step: int, data: Path, tmp_path: Path, *args: str
+) -> Path:
+    """Resume `saved` (a run of `saved_on` ranks stopped at `step`) on `ranks`: its tables, their
+    optimizer state and the dense layers come back whole; then train 6 steps on."""
+    again, longer = tmp_path / f"again-{step}", tmp_path / f"longer-{step}"
+    shutil.copytree(saved / "checkpoints", again / "checkpoints")
+    shutil.copytree(saved / "checkpoints", longer / "checkpoints")
+    out = train_on(ranks, data, again, *args, f"trainer.max_steps={step}")
     assert f"where the checkpoint had {saved_on} ranks" in out.stdout + out.stderr
-    # tables, their optimizer state and the dense layers come back whole on the other layout
-    name = "step-000000010"
-    saved = flat(full_state(first / "checkpoints" / name, tmp_path))
-    resaved = flat(full_state(again / "checkpoints" / name, tmp_path))
-    assert saved.keys() == resaved.keys()
-    assert any("momentum1" in k for k in saved)
-    for key in saved:
-        assert torch.equal(saved[key], resaved[key]), key
-    assert metrics_of(first)["test"] == metrics_of(again)["test"]
-    # and training goes on from there
-    train_on(resumed_on, small_data, longer, *args[:1], "trainer.max_steps=16", *args[2:])
-    assert metrics_of(longer)["train"]["steps"] == 16
+    name = f"step-{step:09d}"
+    before = flat(full_state(saved / "checkpoints" / name, tmp_path))
+    after = flat(full_state(again / "checkpoints" / name, tmp_path))
+    assert before.keys() == after.keys()
+    assert any("momentum1" in k for k in before)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    assert metrics_of(saved)["test"] == metrics_of(again)["test"]
+    train_on(ranks, data, longer, *args, f"trainer.max_steps={step + 6}")
+    assert metrics_of(longer)["train"]["steps"] == step + 6
+    return longer
+
+
+def test_a_checkpoint_of_two_ranks_resumes_on_one_and_back_on_two(small_data, tmp_path):
+    # FBGEMM's fused Adagrad: its state is resharded (the row-sparse Adam's restarts, logged)
+    args = ["data.batch_size=2048", "trainer.sparse_optimizer.type=adagrad"]
+    first = tmp_path / "first"
+    train_on(2, small_data, first, *args, "trainer.max_steps=10")
+    on_one = resume_whole_on(1, first, 2, 10, small_data, tmp_path, *args)
+    resume_whole_on(2, on_one, 1, 16, small_data, tmp_path, *args)
 
 
 def test_a_job_preempted_more_than_max_requeues_times_is_not_requeued(monkeypatch):
@@ -282,9 +290,9 @@ def test_two_ranks_killed_at_a_random_step_resume_bit_identical(small_data, tmp_
     """Each rank's data position (two read workers each) and RNGs come back exactly."""
     args = ["data.batch_size=2048", "data.read_threads=2", "data.shuffle_buffer=8192",
             "model.dropout=0.2", "trainer.checkpoint.every_steps=4", "trainer.log_every_steps=1",
-            "trainer.eval_every_steps=10", "trainer.max_steps=30"]  # fmt: skip
+            "trainer.eval_every_steps=10", "trainer.max_steps=20"]  # fmt: skip
     train_on(2, small_data, tmp_path / "full", *args)
-    step = random.Random().randint(5, 28)
+    step = random.Random().randint(5, 18)
     run_dir = tmp_path / "resumed"
     common = [f"data.path={small_data}", f"hydra.run.dir={run_dir}", "trainer.progress_bar=false"]
     kill_ranks_at([*common, *args], step)

@@ -49,16 +49,16 @@ SLURM = [
 
 
 def test_sweep_runs_as_slurm_jobs_and_results_come_back(small_data, tmp_path):
-    args = small_sweep(small_data, tmp_path, *SLURM, "hydra.sweeper.n_trials=4")
+    args = small_sweep(small_data, tmp_path, *SLURM, "hydra.sweeper.n_trials=3")
     out = cli(*args, "hydra.sweeper.n_jobs=2", "hydra.sweeper.pruner=null")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr
     study = study_of(tmp_path, "fm")
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
     for trial in study.trials:
         metrics = json.loads((tmp_path / str(trial.number) / "metrics.json").read_text())
         assert metrics["objective"]["value"] == trial.value
     arrays = {p.name.split("_")[0] for p in (tmp_path / ".submitit").glob("[0-9]*")}
-    assert len(arrays) == 2  # one job array per batch of two trials
+    assert len(arrays) == 2  # one job array per batch: two trials, then one
     assert "Submitit 'slurm' sweep output dir" in out.stdout
 
 
@@ -116,7 +116,7 @@ def test_usr1_checkpoints_requeues_and_the_job_ends_as_if_never_stopped(small_da
     train = [
         f"data.path={small_data}",
         f"data.batch_size={4096 // tasks}",
-        "trainer.max_epochs=2",
+        "trainer.max_epochs=1",
         "trainer.log_every_steps=1",
         "trainer.progress_bar=false",
         "trainer.threads=1",
